@@ -1,0 +1,113 @@
+"""Encoding and decoding of xdl messages (layout in :mod:`xdl.protocol`).
+
+All msgpack options live here. Arrays travel as raw buffers next to a small
+header that names their dtype and shape; they are sent without copies and
+decoded with :func:`numpy.frombuffer` (read-only views of the received frame).
+No pickle is used anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from . import protocol as P
+from .errors import ProtocolError
+
+Arrays = dict[str, np.ndarray]
+
+
+def packb(obj: Any) -> bytes:
+    """Serialize a header (maps, lists, str, bytes, numbers) with msgpack."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data: bytes | memoryview) -> Any:
+    """Deserialize a header, refusing anything msgpack would need extension types for."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=P.MAX_HEADER_BYTES,
+                           max_str_len=P.MAX_HEADER_BYTES)
+
+
+def _wire_array(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    if dt.str not in P.DTYPES:
+        raise ProtocolError(f"dtype {a.dtype} cannot travel; allowed: {sorted(P.DTYPES)}")
+    return np.ascontiguousarray(a, dtype=dt)
+
+
+def encode(command: bytes, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None
+           ) -> list[Any]:
+    """Build the frames of one message: ``[MAGIC, command, header, *array buffers]``."""
+    h = dict(header)
+    frames: list[Any] = []
+    meta = []
+    for role, arr in (arrays or {}).items():
+        a = _wire_array(arr)
+        meta.append([role, a.dtype.str, list(a.shape)])
+        frames.append(memoryview(a).cast("B") if a.size else b"")
+    h["arrays"] = meta
+    return [P.MAGIC, command, packb(h), *frames]
+
+
+def _frame_bytes(f: Any) -> memoryview:
+    # zmq.Frame exposes .buffer; bytes and memoryview are used as they are.
+    buf = getattr(f, "buffer", f)
+    return memoryview(buf)
+
+
+def decode(frames: Sequence[Any]) -> tuple[bytes, dict[str, Any], Arrays]:
+    """Parse a message's frames into ``(command, header, arrays)``.
+
+    Raises :class:`~xdl.errors.ProtocolError` naming what is wrong: missing frames,
+    wrong magic or version, a header that is not a map, an unknown dtype, or an
+    array frame whose length does not match its declared shape.
+    """
+    if len(frames) < 3:
+        raise ProtocolError(f"truncated message: expected at least 3 frames, got {len(frames)}")
+    magic = bytes(_frame_bytes(frames[0]))
+    if magic != P.MAGIC:
+        if len(magic) == 4 and magic[:3] == P.MAGIC_PREFIX:
+            raise ProtocolError(f"protocol version {magic[3]} not supported; this side speaks "
+                                f"version {P.VERSION}")
+        raise ProtocolError(f"bad magic {magic[:8]!r}: expected {P.MAGIC!r}")
+    command = bytes(_frame_bytes(frames[1]))
+    hbuf = _frame_bytes(frames[2])
+    if hbuf.nbytes > P.MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {hbuf.nbytes} bytes exceeds {P.MAX_HEADER_BYTES}")
+    try:
+        header = unpackb(hbuf)
+    except Exception as exc:  # msgpack raises several unrelated classes
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    meta = header.get("arrays", [])
+    if not isinstance(meta, list) or len(meta) > P.MAX_ARRAYS:
+        raise ProtocolError("header field 'arrays' must be a list of [role, dtype, shape]")
+    if len(meta) != len(frames) - 3:
+        raise ProtocolError(f"header declares {len(meta)} array frames, message has "
+                            f"{len(frames) - 3}")
+    arrays: Arrays = {}
+    for entry, frame in zip(meta, frames[3:]):
+        try:
+            role, dtype, shape = entry
+            shape = tuple(int(s) for s in shape)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"bad array descriptor {entry!r}: expected [role, dtype, shape]"
+                                ) from None
+        if dtype not in P.DTYPES:
+            raise ProtocolError(f"array {role!r}: dtype {dtype!r} not allowed")
+        if any(s < 0 for s in shape):
+            raise ProtocolError(f"array {role!r}: negative dimension in shape {shape}")
+        dt = np.dtype(dtype)
+        buf = _frame_bytes(frame)
+        expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if buf.nbytes != expected:
+            raise ProtocolError(f"array {role!r}: shape {list(shape)} of {dtype} needs {expected} "
+                                f"bytes, frame has {buf.nbytes}")
+        arrays[str(role)] = np.frombuffer(buf, dtype=dt).reshape(shape) if expected else \
+            np.empty(shape, dtype=dt)
+    return command, header, arrays

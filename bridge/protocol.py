@@ -1,0 +1,77 @@
+"""The xdl wire protocol: frame layout and named constants, in one place.
+
+A request or reply is one ZeroMQ multipart message::
+
+    frame 0   MAGIC            b"XDL" + one version byte
+    frame 1   command          ASCII name, e.g. b"PULL" (replies echo it)
+    frame 2   header           msgpack map (see below)
+    frame 3.. array frames     raw little-endian buffers, one per entry of header["arrays"]
+
+Request header keys:
+
+``cid``   client id (str), ``inc`` incarnation (int), ``seq`` sequence number (int),
+``arrays`` list of ``[role, dtype, shape]`` describing frames 3.., plus the
+command's own fields (``table``, ``dim``, ...).
+
+Reply header keys:
+
+``ok`` (bool), ``seq`` (the request's seq), ``arrays`` as above; on failure ``code``
+(one of :data:`ERROR_CODES`, also :attr:`xdl.errors.XdlError.code`) and ``message``.
+
+A shard binds one ROUTER; a client holds one DEALER per shard and sends without an
+empty delimiter frame. Pushes are applied exactly once per ``(cid, inc, seq)``:
+a shard keeps, per client, the highest applied push seq and its reply, and answers
+a duplicate with that reply (flag ``dup``) without applying it again.
+"""
+
+from __future__ import annotations
+
+VERSION = 1
+MAGIC = b"XDL" + bytes([VERSION])
+MAGIC_PREFIX = b"XDL"
+
+# Commands.
+PING = b"PING"
+CREATE_TABLE = b"CREATE_TABLE"
+DESCRIBE_TABLE = b"DESCRIBE_TABLE"
+LIST_TABLES = b"LIST_TABLES"
+DROP_TABLE = b"DROP_TABLE"
+PULL = b"PULL"
+PUSH = b"PUSH"
+DELETE = b"DELETE"
+CREATE_DENSE = b"CREATE_DENSE"
+DENSE_PULL = b"DENSE_PULL"
+DENSE_PUSH = b"DENSE_PUSH"
+STATS = b"STATS"
+SAVE = b"SAVE"
+LOAD = b"LOAD"
+SHUTDOWN = b"SHUTDOWN"
+
+COMMANDS = frozenset({
+    PING, CREATE_TABLE, DESCRIBE_TABLE, LIST_TABLES, DROP_TABLE, PULL, PUSH, DELETE,
+    CREATE_DENSE, DENSE_PULL, DENSE_PUSH, STATS, SAVE, LOAD, SHUTDOWN,
+})
+
+#: Commands that change state and are therefore applied exactly once per seq.
+MUTATING = frozenset({CREATE_TABLE, DROP_TABLE, PUSH, DELETE, CREATE_DENSE, DENSE_PUSH, LOAD})
+
+# Array dtypes allowed on the wire (numpy dtype strings, little-endian).
+DTYPES = frozenset({"<i8", "<u8", "<i4", "<f4", "<f8", "|u1"})
+
+# Sharding: an id's bucket is mix64(id) >> BUCKET_SHIFT.
+NUM_BUCKETS = 65536
+BUCKET_SHIFT = 48
+
+# Limits.
+DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+MAX_HEADER_BYTES = 1 << 20
+MAX_ARRAYS = 64
+
+# Client defaults (overridable per connect() call or by XDL_* variables).
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RETRIES = 3
+
+ERROR_CODES = frozenset({
+    "PROTOCOL", "UNKNOWN_COMMAND", "NO_SUCH_TABLE", "TABLE_EXISTS", "INVALID_ARGUMENT",
+    "TOO_LARGE", "STALE_CLIENT", "CHECKPOINT", "INTERNAL",
+})
