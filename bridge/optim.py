@@ -64,8 +64,9 @@ class Optimizer:
             if f.name in self._non_float and not isinstance(getattr(self, f.name), (bool, str)):
                 raise InvalidArgumentError(f"{name}.{f.name} has the wrong type: "
                                            f"{getattr(self, f.name)!r}")
-        if not getattr(self, "lr", 1.0) > 0:
-            raise InvalidArgumentError(f"{name}.lr must be > 0, got {getattr(self, 'lr')}")
+        lr = getattr(self, "lr", 1.0)
+        if not lr > 0:
+            raise InvalidArgumentError(f"{name}.lr must be > 0, got {lr}")
         self._validate()
 
     def _validate(self) -> None:
@@ -116,10 +117,7 @@ class Optimizer:
         if lr is not None:
             args["lr"] = lr
         args.update(kwargs)
-        try:
         return cls(**args)
-    except TypeError as e:  # a required field is missing
-        raise InvalidArgumentError(f"optimizer {d['kind']!r}: {e}") from None
 
 
 @dataclass(frozen=True)
