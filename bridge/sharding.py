@@ -52,3 +52,10 @@ def shard_of_bucket(num_shards: int) -> np.ndarray:
 def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
     """Shard index of each id for a cluster of ``num_shards`` shards."""
     return shard_of_bucket(num_shards)[bucket_of(ids)]
+
+
+def dense_shard(name: str, num_shards: int) -> int:
+    """Shard that holds the dense variable ``name`` (a stable hash of the name)."""
+    import zlib
+
+    return zlib.crc32(name.encode("utf-8")) % num_shards
