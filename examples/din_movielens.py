@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 import xdl
+from torch import nn
 from xdl import datasets, metrics
 
 EMB_DIM = 16
