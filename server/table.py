@@ -1,0 +1,328 @@
+"""A shard's sparse tables and dense variables.
+
+A :class:`SparseTable` maps int64 keys to rows of one growable float32 arena, with the
+optimizer's slot arenas beside it, per-row metadata (push count ``freq`` and
+``last_step``) and a stack of freed rows that new keys reuse. A new row's value comes
+from :func:`xdl.init.generate` (a pure function of table seed and key), its slots start
+at the optimizer's initial values. Every request is validated in full before anything
+changes, so a bad request never half-applies.
+
+A :class:`DenseVariable` is one dense array updated by the same optimizer kernels (as
+a single row).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from xdl import init as xinit
+from xdl import optim as xoptim
+from xdl.errors import InvalidArgumentError
+
+from . import optimizers
+from .kernels import HashIndex, RowPool, first_duplicate, gather_rows
+
+__all__ = ["SparseTable", "DenseVariable"]
+
+_META = ("freq", "last_step")
+
+
+def _keys_array(keys: Any, table: str) -> np.ndarray:
+    k = np.asarray(keys)
+    if k.ndim != 1 or k.dtype.kind not in "iu":
+        raise InvalidArgumentError(
+            f"keys: expected a 1-D int64 array, got dtype {k.dtype} with shape {list(k.shape)}",
+            table=table)
+    return np.ascontiguousarray(k, dtype=np.int64)
+
+
+def _check_unique(keys: np.ndarray, table: str) -> None:
+    dup = first_duplicate(keys)
+    if dup >= 0:
+        raise InvalidArgumentError(
+            f"keys must be unique, but key {int(keys[dup])} appears more than once "
+            f"(second time at position {dup}); de-duplicate and sum the gradients first",
+            table=table)
+
+
+def _check_float_array(arr: Any, field: str, shape: tuple[int, ...], table: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.dtype != np.float32 or tuple(a.shape) != shape:
+        raise InvalidArgumentError(
+            f"{field}: expected float32 of shape {list(shape)}, got {a.dtype} of shape "
+            f"{list(a.shape)}", table=table)
+    if not np.isfinite(a).all():
+        raise InvalidArgumentError(f"{field}: holds NaN or Inf values; nothing applied",
+                                   table=table)
+    return np.ascontiguousarray(a)
+
+
+class SparseTable:
+    """Key → row embedding table of one shard.
+
+    :param name: table name (used in error messages).
+    :param dim: row width (>= 1).
+    :param initializer: spec of new rows' values (:mod:`xdl.init`).
+    :param optimizer: spec of the update applied by :meth:`push` (:mod:`xdl.optim`).
+    :param seed: table seed for :func:`xdl.init.generate`.
+    :param capacity: rows to allocate up front (the arenas grow by doubling).
+    """
+
+    def __init__(self, name: str, dim: int, initializer: xinit.Initializer,
+                 optimizer: xoptim.Optimizer, seed: int = 0, capacity: int = 1024):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise InvalidArgumentError(f"dim must be a positive int, got {dim!r}", table=name)
+        if not isinstance(initializer, xinit.Initializer):
+            raise InvalidArgumentError(f"initializer must be an xdl.init spec, got "
+                                       f"{initializer!r}", table=name)
+        if not isinstance(optimizer, xoptim.Optimizer):
+            raise InvalidArgumentError(f"optimizer must be an xdl.optim spec, got "
+                                       f"{optimizer!r}", table=name)
+        self.name = name
+        self.dim = int(dim)
+        self.initializer = initializer
+        self.optimizer = optimizer
+        self.seed = int(seed)
+        #: table-level push counter
+        self.step = 0
+        cap = max(1, int(capacity))
+        self.values = np.zeros((cap, self.dim), dtype=np.float32)
+        self.slots: dict[str, np.ndarray] = {
+            s: np.zeros((cap, optimizer.slot_width(s, self.dim)), dtype=np.float32)
+            for s in optimizer.slot_names()}
+        self.freq = np.zeros(cap, dtype=np.int64)
+        self.last_step = np.zeros(cap, dtype=np.int64)
+        self.index = HashIndex(max(8, int(cap / 0.35)))
+        self.pool = RowPool(cap, self._grow_rows)
+
+    # -- storage ----------------------------------------------------------------------
+    def _grow_rows(self, wanted: int) -> int:
+        old = self.values.shape[0]
+        new = max(2 * old, int(wanted))
+
+        def grown(a: np.ndarray) -> np.ndarray:
+            b = np.zeros((new,) + a.shape[1:], dtype=a.dtype)
+            b[:old] = a
+            return b
+
+        self.values = grown(self.values)
+        self.slots = {s: grown(a) for s, a in self.slots.items()}
+        self.freq = grown(self.freq)
+        self.last_step = grown(self.last_step)
+        return new
+
+    def _resolve(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of ``keys``, inserting absent keys with fresh initial values and slots."""
+        rows, inserted = self.index.lookup_or_insert(keys, self.pool)
+        if inserted.any():
+            new_rows = rows[inserted]
+            self.values[new_rows] = xinit.generate(self.initializer, self.seed, keys[inserted],
+                                                   self.dim)
+            for s, arr in self.slots.items():
+                arr[new_rows] = self.optimizer.slot_initial(s)
+            self.freq[new_rows] = 0
+            self.last_step[new_rows] = 0
+        return rows
+
+    # -- requests ---------------------------------------------------------------------
+    def pull(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of ``keys`` (float32 ``[n, dim]``); absent keys are inserted first with
+        their initial value. Repeated keys are allowed."""
+        k = _keys_array(keys, self.name)
+        rows = self._resolve(k)  # may grow (replace) the arenas: read them after
+        return gather_rows(self.values, rows)
+
+    def push(self, keys: np.ndarray, grads: np.ndarray) -> None:
+        """Apply the optimizer to the rows of ``keys`` with ``grads``.
+
+        Preconditions, all checked before anything changes (else
+        :class:`~xdl.errors.InvalidArgumentError` and the table is untouched): ``keys`` is
+        a 1-D int64 array of unique keys; ``grads`` is float32 ``[len(keys), dim]`` and
+        finite. Absent keys are inserted with their initial value, then updated.
+        Increments :attr:`step`; each row's ``freq`` grows by one and ``last_step`` is set.
+        """
+        k = _keys_array(keys, self.name)
+        g = _check_float_array(grads, "grads", (k.shape[0], self.dim), self.name)
+        _check_unique(k, self.name)
+        rows = self._resolve(k)
+        self.step += 1
+        optimizers.apply(self.optimizer, self.values, self.slots, rows, g, self.step)
+        self.freq[rows] += 1
+        self.last_step[rows] = self.step
+
+    def delete(self, keys: np.ndarray) -> int:
+        """Remove the keys present (absent ones are ignored); their rows are recycled.
+        Returns how many were removed."""
+        k = _keys_array(keys, self.name)
+        return self.index.delete(k, self.pool)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+            return False
+        return bool(self.index.lookup(np.array([key], dtype=np.int64))[0] >= 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every array of the table (arenas, slots, metadata, index)."""
+        return int(self.values.nbytes + sum(a.nbytes for a in self.slots.values())
+                   + self.freq.nbytes + self.last_step.nbytes + self.index.nbytes
+                   + self.pool.nbytes)
+
+    def spec_dict(self) -> dict[str, Any]:
+        """The settings that define the table (msgpack-able): name, dim, seed, specs."""
+        return {"name": self.name, "dim": self.dim, "seed": self.seed,
+                "initializer": self.initializer.to_dict(),
+                "optimizer": self.optimizer.to_dict()}
+
+    @classmethod
+    def from_spec_dict(cls, d: dict[str, Any], capacity: int = 1024) -> SparseTable:
+        """An empty table with the settings of :meth:`spec_dict` (or :meth:`describe`)."""
+        try:
+            name, dim = d["name"], d["dim"]
+            init_d, opt_d = d["initializer"], d["optimizer"]
+        except (KeyError, TypeError) as e:
+            raise InvalidArgumentError(f"table settings lack field {e}; got {d!r}") from None
+        return cls(name, dim, xinit.from_dict(init_d), xoptim.from_dict(opt_d),
+                   seed=int(d.get("seed", 0)), capacity=capacity)
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`spec_dict` plus rows, nbytes and step (msgpack-able)."""
+        return {**self.spec_dict(), "rows": len(self), "nbytes": self.nbytes, "step": self.step}
+
+    # -- export / import --------------------------------------------------------------
+    def export(self) -> dict[str, np.ndarray]:
+        """Every live row: ``keys``, ``values``, ``slot:<name>`` per slot, ``freq`` and
+        ``last_step``, all with the same first dimension (in slot order, not sorted)."""
+        keys, rows = self.index.items()
+        out = {"keys": keys, "values": gather_rows(self.values, rows)}
+        for s, arr in self.slots.items():
+            out[f"slot:{s}"] = gather_rows(arr, rows)
+        out["freq"] = self.freq[rows]
+        out["last_step"] = self.last_step[rows]
+        return out
+
+    def import_rows(self, arrays: dict[str, np.ndarray]) -> None:
+        """Insert or overwrite rows from an :meth:`export`-style dict.
+
+        ``keys`` and ``values`` are required; a missing slot starts at its initial value,
+        missing ``freq``/``last_step`` at 0. Everything is validated before any change.
+        """
+        if "keys" not in arrays or "values" not in arrays:
+            raise InvalidArgumentError(
+                f"import needs 'keys' and 'values', got {sorted(arrays)}", table=self.name)
+        known = {"keys", "values", *_META, *(f"slot:{s}" for s in self.slots)}
+        unknown = sorted(set(arrays) - known)
+        if unknown:
+            raise InvalidArgumentError(f"import got unknown arrays {unknown}; expected a "
+                                       f"subset of {sorted(known)}", table=self.name)
+        k = _keys_array(arrays["keys"], self.name)
+        n = k.shape[0]
+        _check_unique(k, self.name)
+        vals = _check_float_array(arrays["values"], "values", (n, self.dim), self.name)
+        slots = {s: _check_float_array(arrays[f"slot:{s}"], f"slot:{s}", (n, a.shape[1]),
+                                       self.name)
+                 for s, a in self.slots.items() if f"slot:{s}" in arrays}
+        meta = {}
+        for m in _META:
+            if m in arrays:
+                a = np.asarray(arrays[m])
+                if a.dtype.kind not in "iu" or a.shape != (n,):
+                    raise InvalidArgumentError(f"{m}: expected int64 of shape [{n}], got "
+                                               f"{a.dtype} of shape {list(a.shape)}",
+                                               table=self.name)
+                meta[m] = a.astype(np.int64, copy=False)
+        rows = self._resolve(k)
+        self.values[rows] = vals
+        for s, a in slots.items():
+            self.slots[s][rows] = a
+        for m, a in meta.items():
+            getattr(self, m)[rows] = a
+
+
+class DenseVariable:
+    """A dense array on a shard, updated by an optimizer spec (as one row of a table).
+
+    :param name: variable name (used in error messages).
+    :param shape: its shape.
+    :param optimizer: the update applied by :meth:`apply`.
+    :param initial: its initial value (float32, ``shape``); zeros when ``None``.
+    :param seed: kept with the settings (reported by :meth:`describe`).
+    """
+
+    def __init__(self, name: str, shape: tuple[int, ...], optimizer: xoptim.Optimizer,
+                 initial: np.ndarray | None = None, seed: int = 0):
+        if not isinstance(optimizer, xoptim.Optimizer):
+            raise InvalidArgumentError(f"optimizer must be an xdl.optim spec, got "
+                                       f"{optimizer!r}", table=name)
+        shp = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shp):
+            raise InvalidArgumentError(f"shape must be non-negative, got {list(shape)}",
+                                       table=name)
+        self.name = name
+        self.shape = shp
+        self.optimizer = optimizer
+        self.seed = int(seed)
+        #: number of updates applied
+        self.version = 0
+        size = int(np.prod(shp, dtype=np.int64))
+        self._values = np.zeros((1, size), dtype=np.float32)
+        if initial is not None:
+            init = _check_float_array(np.asarray(initial, dtype=np.float32)
+                                      if np.asarray(initial).dtype.kind == "f" else initial,
+                                      "initial", shp, name)
+            self._values[0] = init.reshape(-1)
+        self.slots: dict[str, np.ndarray] = {
+            s: np.full((1, optimizer.slot_width(s, size)), optimizer.slot_initial(s),
+                       dtype=np.float32)
+            for s in optimizer.slot_names()}
+        self._row = np.zeros(1, dtype=np.int64)
+
+    def pull(self) -> np.ndarray:
+        """A copy of the current value (float32, :attr:`shape`)."""
+        return self._values[0].reshape(self.shape).copy()
+
+    def apply(self, grad: np.ndarray) -> None:
+        """Apply one update with ``grad`` (float32, :attr:`shape`, finite; checked first)
+        and increment :attr:`version`."""
+        g = _check_float_array(grad, "grad", self.shape, self.name)
+        self.version += 1
+        optimizers.apply(self.optimizer, self._values, self.slots, self._row,
+                         g.reshape(1, -1), self.version)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the value and slot arrays."""
+        return int(self._values.nbytes + sum(a.nbytes for a in self.slots.values()))
+
+    def export(self) -> dict[str, np.ndarray]:
+        """``values`` (:attr:`shape`) and ``slot:<name>`` per slot (their stored shapes)."""
+        out = {"values": self.pull()}
+        for s, a in self.slots.items():
+            out[f"slot:{s}"] = a.copy()
+        return out
+
+    def import_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore from :meth:`export`'s dict (validated in full before any change);
+        absent slots are left as they are. :attr:`version` is not changed."""
+        known = {"values", *(f"slot:{s}" for s in self.slots)}
+        unknown = sorted(set(arrays) - known)
+        if unknown or "values" not in arrays:
+            raise InvalidArgumentError(f"import needs 'values' and optional slots "
+                                       f"{sorted(known - {'values'})}, got {sorted(arrays)}",
+                                       table=self.name)
+        vals = _check_float_array(arrays["values"], "values", self.shape, self.name)
+        slots = {s: _check_float_array(arrays[f"slot:{s}"], f"slot:{s}", a.shape, self.name)
+                 for s, a in self.slots.items() if f"slot:{s}" in arrays}
+        self._values[0] = vals.reshape(-1)
+        for s, a in slots.items():
+            self.slots[s][...] = a
+
+    def describe(self) -> dict[str, Any]:
+        """Name, shape, version, nbytes, seed and optimizer dict (msgpack-able)."""
+        return {"name": self.name, "shape": list(self.shape), "version": self.version,
+                "nbytes": self.nbytes, "seed": self.seed,
+                "optimizer": self.optimizer.to_dict()}
