@@ -1,0 +1,207 @@
+"""The hash index and row kernels against a Python dict / numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from xdl.server.kernels import (
+    FULL,
+    MAX_LOAD,
+    TOMB,
+    HashIndex,
+    RowPool,
+    _slot_hash,
+    first_duplicate,
+    gather_rows,
+    scatter_rows,
+)
+from xdl.sharding import mix64
+
+I64 = np.iinfo(np.int64)
+
+
+class Arena:
+    """A RowPool whose growth is recorded, standing in for a table's arenas."""
+
+    def __init__(self, capacity: int = 4):
+        self.grows: list[int] = []
+        self.pool = RowPool(capacity, self.grow)
+
+    def grow(self, wanted: int) -> int:
+        new = max(2 * self.pool.capacity, wanted)
+        self.grows.append(new)
+        return new
+
+
+def check_against(idx: HashIndex, ref: dict[int, int]) -> None:
+    keys, rows = idx.items()
+    assert len(idx) == len(ref) == len(keys)
+    assert dict(zip(keys.tolist(), rows.tolist(), strict=True)) == ref
+    assert int((idx.state == FULL).sum()) == idx.size
+    assert int((idx.state == TOMB).sum()) == idx.tombs
+    assert idx.size + idx.tombs <= idx.capacity * MAX_LOAD
+    if ref:
+        probe = np.fromiter(ref, dtype=np.int64)
+        np.testing.assert_array_equal(idx.lookup(probe), [ref[k] for k in ref])
+
+
+def apply_insert(idx: HashIndex, arena: Arena, ref: dict[int, int], keys: np.ndarray) -> None:
+    before = dict(ref)
+    rows, inserted = idx.lookup_or_insert(keys, arena.pool)
+    seen: set[int] = set()
+    for k, r, ins in zip(keys.tolist(), rows.tolist(), inserted.tolist(), strict=True):
+        if k in before or k in seen:
+            assert not ins
+            assert ref[k] == r
+        else:
+            assert ins
+            ref[k] = r
+            seen.add(k)
+    # every live key has its own row
+    assert len(set(ref.values())) == len(ref)
+    assert max(ref.values(), default=0) < arena.pool.capacity
+
+
+def test_growth_through_many_rehashes_matches_dict() -> None:
+    rng = np.random.default_rng(1)
+    idx = HashIndex(8)
+    arena = Arena(4)
+    ref: dict[int, int] = {}
+    for _ in range(12):
+        keys = rng.integers(-5000, 5000, size=rng.integers(1, 3000), dtype=np.int64)
+        apply_insert(idx, arena, ref, keys)
+        check_against(idx, ref)
+    assert idx.rehashes >= 5 and idx.capacity >= 16384
+    assert len(arena.grows) >= 5
+    absent = np.array([5000, 6000, -5001], dtype=np.int64)
+    np.testing.assert_array_equal(idx.lookup(absent), [-1, -1, -1])
+
+
+def test_delete_reinsert_and_row_recycling() -> None:
+    rng = np.random.default_rng(2)
+    idx = HashIndex(16)
+    arena = Arena(16)
+    ref: dict[int, int] = {}
+    for round_ in range(20):
+        keys = rng.integers(-2000, 2000, size=800, dtype=np.int64)
+        apply_insert(idx, arena, ref, keys)
+        victims = rng.choice(keys, size=300)
+        expected = len({int(v) for v in victims} & set(ref))
+        freed = {ref[int(v)] for v in set(victims.tolist()) if int(v) in ref}
+        n_free_before = arena.pool.n_free
+        assert idx.delete(victims, arena.pool) == expected
+        for v in set(victims.tolist()):
+            ref.pop(int(v), None)
+        check_against(idx, ref)
+        if idx.tombs:  # not rehashed away: the freed rows sit on the stack
+            stack = set(arena.pool.free[n_free_before:arena.pool.n_free].tolist())
+            assert stack == freed, round_
+    # rows never exceed the peak of live keys by much: freed rows are reused
+    assert arena.pool.next_row <= 4000
+    # a reinserted key gets a recycled row, not a fresh one
+    next_before = arena.pool.next_row
+    gone = np.array([k for k in range(-2000, 2000) if k not in ref][:10], dtype=np.int64)
+    n_free = arena.pool.n_free
+    assert n_free >= 10
+    rows, ins = idx.lookup_or_insert(gone, arena.pool)
+    assert ins.all() and arena.pool.next_row == next_before
+    assert arena.pool.n_free == n_free - 10
+    assert idx.delete(gone, arena.pool) == 10
+    assert idx.delete(gone, arena.pool) == 0  # already gone
+
+
+def test_delete_then_reinsert_same_key_finds_one_entry() -> None:
+    idx = HashIndex(8)
+    arena = Arena(8)
+    keys = np.array([7, 15, 23], dtype=np.int64)
+    idx.lookup_or_insert(keys, arena.pool)
+    assert idx.delete(np.array([15], dtype=np.int64), arena.pool) == 1
+    rows, ins = idx.lookup_or_insert(np.array([23, 15, 15], dtype=np.int64), arena.pool)
+    assert ins.tolist() == [False, True, False]
+    assert rows[1] == rows[2]
+    assert len(idx) == 3
+    assert sorted(idx.items()[0].tolist()) == [7, 15, 23]
+
+
+def _colliding_keys(cap: int, n: int) -> np.ndarray:
+    """Keys whose slot hash lands on the same home slot of a table of ``cap`` slots."""
+    cand = np.arange(-200_000, 200_000, dtype=np.int64)
+    salted = (cand.view(np.uint64) ^ np.uint64(0x9E3779B97F4A7C15)).view(np.int64)
+    homes = mix64(salted) & np.uint64(cap - 1)
+    assert homes[0] == int(_slot_hash(cand[0])) & (cap - 1)  # same hash as the index
+    picked = cand[homes == 3][:n]
+    assert len(picked) == n
+    return picked
+
+
+def test_long_probe_chains_with_tombstones() -> None:
+    idx = HashIndex(1024)
+    arena = Arena(64)
+    keys = _colliding_keys(1024, 40)
+    ref: dict[int, int] = {}
+    apply_insert(idx, arena, ref, keys)
+    check_against(idx, ref)
+    assert idx.capacity == 1024  # the chain was built without a rehash
+    # delete every other key in the middle of the chain, then look up the rest
+    idx.delete(keys[1::2], arena.pool)
+    for k in keys[1::2].tolist():
+        del ref[k]
+    check_against(idx, ref)
+    np.testing.assert_array_equal(idx.lookup(keys[1::2]), -1)
+    # reinsertion reuses tombstones, chain lookups still find the survivors
+    apply_insert(idx, arena, ref, keys[1::2][::-1].copy())
+    check_against(idx, ref)
+    assert idx.tombs == 0
+
+
+def test_negative_and_extreme_keys() -> None:
+    idx = HashIndex(8)
+    arena = Arena(2)
+    keys = np.array([0, -1, 1, I64.min, I64.max, I64.min + 1, I64.max - 1, -(2**40), 2**40],
+                    dtype=np.int64)
+    ref: dict[int, int] = {}
+    apply_insert(idx, arena, ref, keys)
+    check_against(idx, ref)
+    assert idx.delete(np.array([I64.min, 0], dtype=np.int64), arena.pool) == 2
+    del ref[int(I64.min)], ref[0]
+    check_against(idx, ref)
+    np.testing.assert_array_equal(idx.lookup(np.array([I64.min, 0])), [-1, -1])
+
+
+def test_tombstones_cleaned_by_rehash() -> None:
+    idx = HashIndex(64)
+    arena = Arena(64)
+    ref: dict[int, int] = {}
+    for i in range(30):  # churn: the live set stays small, tombstones pile up
+        keys = np.arange(i * 20, i * 20 + 20, dtype=np.int64)
+        apply_insert(idx, arena, ref, keys)
+        idx.delete(keys, arena.pool)
+        for k in keys.tolist():
+            del ref[k]
+        check_against(idx, ref)
+    assert idx.capacity == 64  # never needed to double for 20 live keys
+    assert idx.rehashes >= 1
+    assert arena.pool.next_row <= 20  # rows recycled
+
+
+def test_first_duplicate() -> None:
+    rng = np.random.default_rng(3)
+    keys = rng.permutation(np.arange(-50_000, 50_000, dtype=np.int64))
+    assert first_duplicate(keys) == -1
+    assert first_duplicate(np.array([], dtype=np.int64)) == -1
+    dup = np.concatenate([keys[:1000], keys[500:501], keys[1000:]])
+    assert first_duplicate(dup) == 1000
+    assert first_duplicate(np.array([I64.min, 0, I64.min], dtype=np.int64)) == 2
+
+
+@pytest.mark.parametrize("width", [1, 7])
+def test_gather_scatter(width: int) -> None:
+    rng = np.random.default_rng(4)
+    values = rng.standard_normal((50, width)).astype(np.float32)
+    rows = rng.permutation(50)[:20]
+    np.testing.assert_array_equal(gather_rows(values, rows), values[rows])
+    src = rng.standard_normal((20, width)).astype(np.float32)
+    ref = values.copy()
+    ref[rows] = src
+    scatter_rows(values, rows, src)
+    np.testing.assert_array_equal(values, ref)
