@@ -72,7 +72,7 @@ def test_growth_through_many_rehashes_matches_dict() -> None:
         apply_insert(idx, arena, ref, keys)
         check_against(idx, ref)
     assert idx.rehashes >= 5 and idx.capacity >= 16384
-    assert len(arena.grows) >= 5
+    assert len(arena.grows) >= 3
     absent = np.array([5000, 6000, -5001], dtype=np.int64)
     np.testing.assert_array_equal(idx.lookup(absent), [-1, -1, -1])
 
