@@ -1,0 +1,131 @@
+"""Checkpoints: exact restore (values, slots, metadata, high-water marks), N → M
+resharding, atomicity under a crash mid-save, and corruption detection."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import xdl
+from xdl import codec
+from xdl import protocol as P
+from xdl.client import Client
+from xdl.errors import CheckpointError
+from xdl.server import checkpoint
+from xdl.server.shard import Shard
+
+IDS = np.arange(-3000, 3000, 7)
+
+
+def train(client: Client, steps: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        ids = rng.choice(IDS, size=200)
+        client.push("emb", ids, rng.normal(size=(200, 4)).astype(np.float32))
+    client.wait()
+
+
+def make(client: Client) -> None:
+    client.create_table("emb", 4, initializer=xdl.init.Normal(stddev=0.1),
+                        optimizer=xdl.optim.Adam(lr=0.01), seed=5)
+    client.create_dense("fc.weight", [3, 2], optimizer=xdl.optim.Adagrad(lr=0.1),
+                        initial=np.arange(6, dtype=np.float32).reshape(3, 2))
+
+
+@pytest.mark.parametrize("n, m", [(2, 2), (2, 3), (3, 1)])
+def test_restore_continues_exactly(start_cluster: Callable[..., Client], tmp_path: os.PathLike[str],
+                                   n: int, m: int) -> None:
+    src = start_cluster(n)
+    make(src)
+    train(src, 10, seed=1)
+    src.wait(src.dense_push("fc.weight", np.ones((3, 2), np.float32)))
+    path = src.save(str(tmp_path))
+    saved_rows = src.describe_table("emb")["rows"]
+    assert os.path.basename(path) == "ckpt-000001"
+    # The uninterrupted run goes on ...
+    train(src, 5, seed=2)
+    src.wait(src.dense_push("fc.weight", np.ones((3, 2), np.float32)))
+    expected = src.pull("emb", IDS)
+    expected_dense = src.dense_pull("fc.weight")
+    # ... and a fresh cluster of another size resumes from the checkpoint.
+    dst = start_cluster(m)
+    info = dst.load(str(tmp_path))
+    assert info["rows"] == saved_rows
+    train(dst, 5, seed=2)
+    dst.wait(dst.dense_push("fc.weight", np.ones((3, 2), np.float32)))
+    np.testing.assert_array_equal(dst.pull("emb", IDS), expected)  # slots restored too
+    np.testing.assert_array_equal(dst.dense_pull("fc.weight"), expected_dense)
+    assert dst.describe_table("emb")["step"] >= 10
+
+
+def test_high_water_marks_survive_a_restore(tmp_path: os.PathLike[str]) -> None:
+    shard = Shard()
+    replies: list[list[bytes]] = []
+
+    def send(seq: int, command: bytes, header: dict, arrays: dict | None = None) -> dict:
+        h = {"cid": "w", "inc": 1, "seq": seq, **header}
+        shard.handle([bytes(memoryview(f)) for f in codec.encode(command, h, arrays)],
+                     replies.append)
+        return codec.decode([bytes(memoryview(f)) for f in replies[-1]])[1]
+
+    send(1, P.CREATE_TABLE, {"table": "t", "dim": 2, "optimizer": {"kind": "sgd", "lr": 1.0}})
+    push = {"ids": np.array([1], np.int64), "grads": np.ones((1, 2), np.float32)}
+    send(2, P.PUSH, {"table": "t"}, push)
+    tmp = checkpoint.begin(str(tmp_path))
+    reply = send(3, P.SAVE, {"dir": tmp})
+    checkpoint.commit(tmp, 1, [(0, P.NUM_BUCKETS)], [reply])
+    fresh = Shard()
+    shard.tables, shard.dense, shard.clients = checkpoint.load_shard(
+        fresh, checkpoint.resolve(str(tmp_path)))
+    h = send(2, P.PUSH, {"table": "t"}, push)  # the retry of an already applied push
+    assert h["ok"] and h["dup"]
+    np.testing.assert_array_equal(shard.tables["t"].pull(np.array([1], np.int64)), [[-1.0, -1.0]])
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(cluster2: Client,
+                                                         tmp_path: os.PathLike[str]) -> None:
+    make(cluster2)
+    train(cluster2, 3, seed=1)
+    first = cluster2.save(str(tmp_path))
+    before = cluster2.pull("emb", IDS)
+    train(cluster2, 3, seed=2)
+    # A save that died after the shards wrote their parts but before the manifest:
+    tmp = checkpoint.begin(str(tmp_path))
+    cluster2._call_all(P.SAVE, {"dir": tmp})
+    assert checkpoint.resolve(str(tmp_path)) == first
+    cluster2.load(str(tmp_path))
+    np.testing.assert_array_equal(cluster2.pull("emb", IDS), before)
+    # The next save cleans the leftover and numbers on.
+    second = cluster2.save(str(tmp_path), keep=1)
+    assert os.path.basename(second) == "ckpt-000002"
+    assert sorted(os.listdir(tmp_path)) == ["LATEST", "ckpt-000002"]
+
+
+def test_corrupt_checkpoint_is_refused_and_state_kept(cluster2: Client,
+                                                      tmp_path: os.PathLike[str]) -> None:
+    make(cluster2)
+    train(cluster2, 2, seed=1)
+    path = cluster2.save(str(tmp_path))
+    current = cluster2.pull("emb", IDS)
+    victim = os.path.join(path, "tables", "emb", "part-1.values.npy")
+    with open(victim, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="checksum"):
+        cluster2.load(path)
+    np.testing.assert_array_equal(cluster2.pull("emb", IDS), current)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        cluster2.load(str(tmp_path / "nowhere"))  # type: ignore[operator]
+
+
+def test_checkpoint_files_hold_no_pickle(cluster2: Client, tmp_path: os.PathLike[str]) -> None:
+    make(cluster2)
+    train(cluster2, 1, seed=1)
+    path = cluster2.save(str(tmp_path))
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".npy"):
+                np.load(os.path.join(root, name), allow_pickle=False)
