@@ -300,7 +300,7 @@ class Client:
                 poller.register(self._conns[k].socket, zmq.POLLIN)
             oldest = min(self._conns[k].pending[s].sent_at for k, s in missing)
             wait_ms = max(0.0, (oldest + self.timeout - time.monotonic()) * 1e3)
-            events = dict(poller.poll(wait_ms))
+            events = dict(poller.poll(int(wait_ms) + 1))
             for k in shards:
                 conn = self._conns[k]
                 if conn.socket in events:
@@ -442,7 +442,7 @@ class Client:
                     for k, s, e in runs]
             replies = self._results(sent)
         rows = np.empty((uniq.size, dim), dtype=np.float32)
-        for (k, s, e), (_, arrays) in zip(runs, replies):
+        for (k, s, e), (_, arrays) in zip(runs, replies, strict=False):
             got = arrays.get("rows")
             if got is None or got.shape != (e - s, dim):
                 raise InvalidArgumentError(

@@ -48,7 +48,7 @@ def encode(command: bytes, header: Mapping[str, Any], arrays: Mapping[str, np.nd
     for role, arr in (arrays or {}).items():
         a = _wire_array(arr)
         meta.append([role, a.dtype.str, list(a.shape)])
-        frames.append(memoryview(a).cast("B") if a.size else b"")
+        frames.append(memoryview(a).cast("B") if a.size else b"")  # type: ignore[arg-type]
     h["arrays"] = meta
     return [P.MAGIC, command, packb(h), *frames]
 
@@ -91,7 +91,7 @@ def decode(frames: Sequence[Any]) -> tuple[bytes, dict[str, Any], Arrays]:
         raise ProtocolError(f"header declares {len(meta)} array frames, message has "
                             f"{len(frames) - 3}")
     arrays: Arrays = {}
-    for entry, frame in zip(meta, frames[3:]):
+    for entry, frame in zip(meta, frames[3:], strict=False):
         try:
             role, dtype, shape = entry
             shape = tuple(int(s) for s in shape)

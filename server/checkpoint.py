@@ -79,7 +79,10 @@ def _field_file(field: str) -> str:
 
 # ------------------------------------------------------------------- shard side
 def save_shard(shard: Shard, path: str) -> dict[str, dict[str, Any]]:
-    """Write this shard's part of a checkpoint into ``path``; return ``{relpath: {sha256, bytes}}``."""
+    """Write this shard's part of a checkpoint into ``path``.
+
+    Returns ``{relpath: {"sha256": ..., "bytes": ...}}`` of every file written.
+    """
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder {path} does not exist on shard {shard.shard}'s "
                               "host; shards and client must share the file system")
