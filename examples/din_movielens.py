@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import xdl
 from torch import nn
+
+import xdl
 from xdl import datasets, metrics
 
 EMB_DIM = 16
