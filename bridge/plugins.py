@@ -179,7 +179,13 @@ def check_pending(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {_plugin_name(pm, exc.plugin)!r}: {exc}") from exc
+        raise _validation_error(pm, exc, None) from exc
+
+
+def _validation_error(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError,
+                      name: str | None) -> PluginError:
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return PluginError(f"plugin {name or _plugin_name(pm, exc.plugin)!r}: {text}")
 
 
 def _plugin_name(pm: pluggy.PluginManager, plugin: Any) -> str:
@@ -209,19 +215,23 @@ def create_plugin_manager(
     pm.add_hookspecs(hookspecs)
     for name in blocked:
         pm.set_blocked(name)
+    plugins: list[tuple[str, Any]] = []
     try:
         if autoload:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        plugins: list[tuple[str, Any]] = []
         for module_name in builtins:
             if module_name not in blocked:
                 plugins.append((module_name, importlib.import_module(module_name)))
         plugins.extend(extra_plugins)
-        for name, plugin in plugins:
-            if pm.get_plugin(name) is None:
-                pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {_plugin_name(pm, exc.plugin)!r}: {exc}") from exc
+        raise _validation_error(pm, exc, None) from exc
+    for name, plugin in plugins:
+        if pm.get_plugin(name) is not None:
+            continue
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise _validation_error(pm, exc, name) from exc
     check_pending(pm)
     state = PluginState(pm, BackendRegistry(), AdapterRegistry(), OptimizerRegistry())
     pm.hook.xdl_register_backends(register=state.backends)
