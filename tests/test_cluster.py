@@ -256,3 +256,14 @@ def test_shard_exits_when_its_parent_dies(tmp_path: os.PathLike[str]) -> None:
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     pytest.fail("shard outlived its parent")
+
+
+def test_close_releases_every_socket(start_cluster: Callable[..., Client]) -> None:
+    client = start_cluster(2)
+    socks = [c.socket for c in client._conns]
+    client.create_table("t", 2)
+    client.push("t", [1], np.ones((1, 2), np.float32))  # left unwaited: close waits for it
+    client.close()
+    assert all(s.closed for s in socks) and client._ctx.closed
+    with pytest.raises(xdl.errors.XdlError, match="closed"):
+        client.pull("t", [1])
