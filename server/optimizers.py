@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 from numba import njit
+
 from xdl.errors import InvalidArgumentError
 from xdl.optim import FTRL, SGD, Adagrad, Adam, Momentum, Optimizer, RMSProp
 

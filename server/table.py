@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from xdl import init as xinit
 from xdl import optim as xoptim
 from xdl.errors import InvalidArgumentError

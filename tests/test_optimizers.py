@@ -211,7 +211,7 @@ def test_mxnet_ftrl_matches_mxnet_formula() -> None:
         optimizers.apply(spec, w32, slots, np.arange(R), g.astype(np.float32), step)
         z += g - (np.sqrt(n + g**2) - np.sqrt(n)) * w / 0.1
         n += g**2
-        w = (np.sign(z) * 1.0 - z) / ((1.0 + np.sqrt(n)) / 0.1) * (np.abs(z) > 1.0)
+        w = np.where(np.abs(z) > 1.0, (np.sign(z) * 1.0 - z) / ((1.0 + np.sqrt(n)) / 0.1), 0.0)
     np.testing.assert_allclose(w32, w, rtol=1e-5, atol=1e-6)
     assert (w32 == 0).any() and (w32 != 0).any()  # l1 made some weights exactly 0
 
