@@ -87,8 +87,9 @@ class _RemoteRows:
         The next forward whose unique ids equal these uses the prefetched rows instead
         of pulling (a module called several times per step takes one prefetch per
         call). The background pull first waits for the pushes already issued, so
-        prefetched rows miss exactly the pushes made after ``prefetch`` was called:
-        prefetching batch t+1 while batch t computes makes batch t+1 one step stale.
+        prefetched rows miss at most the pushes made after ``prefetch`` was called:
+        prefetching batch t+1 while batch t computes makes batch t+1 at most one step
+        stale.
         """
         flat = as_ids(ids).reshape(-1)
         self._check_ids(flat)
@@ -139,13 +140,13 @@ class _RemoteRows:
         device = getattr(like, "device", None)
         return out if device is None or device == out.device else out.to(device)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """Not available: the rows live on the parameter server."""
-        raise AttributeError(
-            f"{type(self).__name__} for table {self.table!r} holds no weight tensor; the rows "
-            "live on the parameter server: use client.pull(table, ids), or xdl.unswap(model, "
-            "client) to get ordinary modules with the trained rows")
+    def __getattr__(self, name: str) -> Any:
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__} for table {self.table!r} holds no weight tensor; the "
+                "rows live on the parameter server: use client.pull(table, ids), or "
+                "xdl.unswap(model, client) to get ordinary modules with the trained rows")
+        return super().__getattr__(name)  # type: ignore[misc]
 
 
 def _padding(padding_idx: int | None, num_embeddings: int) -> int | None:
@@ -154,7 +155,7 @@ def _padding(padding_idx: int | None, num_embeddings: int) -> int | None:
     return padding_idx
 
 
-class DistributedEmbedding(_RemoteRows, nn.Embedding):  # type: ignore[misc,override]
+class DistributedEmbedding(_RemoteRows, nn.Embedding):  # type: ignore[misc]
     """``nn.Embedding`` whose rows live in table ``table`` of the parameter server.
 
     Same forward as ``nn.Embedding`` (``padding_idx`` rows are zeros with no gradient).
@@ -195,7 +196,7 @@ class DistributedEmbedding(_RemoteRows, nn.Embedding):  # type: ignore[misc,over
         return f"{super().extra_repr()}, table={self.table!r}, mode={self.id_mode!r}"
 
 
-class DistributedEmbeddingBag(_RemoteRows, nn.EmbeddingBag):  # type: ignore[misc,override]
+class DistributedEmbeddingBag(_RemoteRows, nn.EmbeddingBag):  # type: ignore[misc]
     """``nn.EmbeddingBag`` whose rows live in table ``table`` of the parameter server.
 
     Same forward as ``nn.EmbeddingBag`` (1-D ids with ``offsets``, or 2-D ids;

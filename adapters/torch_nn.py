@@ -122,7 +122,7 @@ def swap(model: nn.Module, client: Any, *, optimizer: Any = None, initializer: A
         if new is None:
             mods.check_unsupported(old, path)
             options = _table_options(path, defaults, per_table)
-            table = options.pop("name", prefix + (path or "embedding"))
+            table = options.pop("name", prefix + path if path else prefix or "embedding")
             id_mode = options.pop("mode", mode)
             client.create_table(table, old.embedding_dim, **options)
             if isinstance(old, nn.EmbeddingBag):
@@ -293,7 +293,7 @@ def prefetch_batches(batches: Iterable[T], schedule: Callable[[T], Any]) -> Iter
             loss = model(batch); loss.backward(); ...
 
     The pull of batch t+1 then runs while batch t computes; it sees every push up to
-    batch t-1, not batch t's (one step stale).
+    batch t-1, and usually not batch t's (at most one step stale).
     """
     iterator = iter(batches)
     try:
@@ -337,9 +337,9 @@ def prefetch(model: nn.Module, batches: Iterable[T],
     ``(module, ids)`` pairs explicitly.
 
     Staleness: rows for batch t+1 are pulled while batch t computes, after the pushes
-    of batch t-1 were applied but before batch t's: a prefetched step is one step stale
-    (ids not shared with the previous batch are exact). Without prefetch (or with
-    ``sync_push``) training matches local training step for step.
+    of batch t-1 were applied, and usually before batch t's: a prefetched step is at
+    most one step stale (ids not shared with the previous batch are exact). Without
+    prefetch, training matches local training step for step (``sync_push``).
     """
     mods = _modules()
     if ids_fn is not None:

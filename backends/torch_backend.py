@@ -7,6 +7,7 @@ imports every built-in plugin).
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,12 +29,59 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable and a.flags.c_contiguous else np.array(a, dtype=np.float32)
 
 
+class _PendingGrads(threading.local):
+    """Row gradients of the running backward pass, per (client, table)."""
+
+    def __init__(self) -> None:
+        self.by_table: dict[tuple[int, str], list[tuple[Any, np.ndarray, np.ndarray,
+                                                        Callable[[Any], None] | None]]] = {}
+
+
+_pending = _PendingGrads()
+
+
+def _defer_push(client: SparseClient, table: str, ids: np.ndarray, grads: np.ndarray,
+                on_push: Callable[[Any], None] | None) -> None:
+    """Collect a lookup's row gradients; one push per table when the backward pass ends.
+
+    A table looked up several times in one step (DIN's item table: target and history)
+    must get one push of the summed gradient, as a local optimizer sees one gradient;
+    two pushes would apply Adagrad or Adam twice.
+    """
+    if not _pending.by_table:
+        _torch().autograd.Variable._execution_engine.queue_callback(flush_pushes)
+    _pending.by_table.setdefault((id(client), table), []).append((client, ids, grads, on_push))
+
+
+def merge_rows(ids: list[np.ndarray], grads: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate row gradients and sum those of the same id: ``(unique ids, grads)``."""
+    if len(ids) == 1:
+        return ids[0], grads[0]
+    all_ids = np.concatenate(ids)
+    unique, inverse = np.unique(all_ids, return_inverse=True)
+    summed = np.zeros((len(unique), grads[0].shape[1]), dtype=np.float32)
+    np.add.at(summed, inverse.reshape(-1), np.concatenate(grads))
+    return unique, summed
+
+
+def flush_pushes() -> None:
+    """Push the gradients collected during the backward pass that just ended."""
+    by_table, _pending.by_table = _pending.by_table, {}
+    for (_, table), parts in by_table.items():
+        client = parts[0][0]
+        ids, grads = merge_rows([p[1] for p in parts], [p[2] for p in parts])
+        ticket = client.push(table, ids, grads)
+        for callback in {id(p[3]): p[3] for p in parts if p[3] is not None}.values():
+            callback(ticket)
+
+
 def pull_function() -> Any:
     """The ``torch.autograd.Function`` behind :meth:`TorchBackend.pull_rows` (built once).
 
-    Forward returns the pulled rows of the unique ids; backward pushes their gradient
+    Forward returns the pulled rows of the unique ids; backward hands their gradient
     (torch has already summed the gradients of repeated ids through the inverse-index
-    gather) and returns no gradient for its inputs.
+    gather) to one push per table at the end of the backward pass, and returns no
+    gradient for its inputs.
     """
     global _pull_function
     if _pull_function is None:
@@ -52,9 +100,7 @@ def pull_function() -> Any:
             def backward(ctx: Any, grad: Any) -> tuple[None, ...]:
                 grads = np.ascontiguousarray(grad.detach().cpu().numpy(), dtype=np.float32)
                 if len(ctx.unique_ids):
-                    ticket = ctx.client.push(ctx.table, ctx.unique_ids, grads)
-                    if ctx.on_push is not None:
-                        ctx.on_push(ticket)
+                    _defer_push(ctx.client, ctx.table, ctx.unique_ids, grads, ctx.on_push)
                 return (None,) * 6
 
         _pull_function = PullRows
