@@ -34,6 +34,8 @@ EMB_DIM = 16
 INIT = xdl.init.TruncatedNormal(stddev=0.05)
 """Initializer of every embedding table (server and local alike)."""
 SEED = 2024
+TABLE_SEEDS = {"item_emb": SEED, "genre_emb": SEED + 1, "user_emb": SEED + 2}
+"""Initializer seed of each embedding table, by module path (= table name after swap)."""
 LR = 0.05
 AUC_TOLERANCE = 0.005
 
@@ -94,8 +96,11 @@ class DIN(nn.Module):
     def forward(self, user: torch.Tensor, item: torch.Tensor, item_genres: torch.Tensor,
                 hist_items: torch.Tensor, hist_genres: torch.Tensor) -> torch.Tensor:
         """Logits of the click (rating >= 4) probability, ``[B]``."""
-        target = self.embed_items(item, item_genres)
-        hist = self.embed_items(hist_items, hist_genres)
+        # one lookup per table: the target is looked up with the history, as slot 0
+        items = torch.cat([item.unsqueeze(1), hist_items], dim=1)
+        genres = torch.cat([item_genres.unsqueeze(1), hist_genres], dim=1)
+        both = self.embed_items(items, genres)
+        target, hist = both[:, 0], both[:, 1:]
         mask = (hist_items > 0).to(hist.dtype)
         pooled = self.attention(hist, target, mask)
         x = torch.cat([self.user_emb(user), target, pooled], dim=-1)
@@ -137,14 +142,17 @@ def num_batches(data: datasets.DinData, batch_size: int) -> int:
 
 def build_model(data: datasets.DinData, sparse: bool = False) -> DIN:
     """A DIN for ``data``'s vocabularies, dense weights seeded with :data:`SEED` and
-    embedding rows set to ``xdl.init.generate(INIT, SEED, arange(rows), EMB_DIM)``, the
-    rows the server would create for those keys."""
+    each embedding table's rows set to ``xdl.init.generate(INIT, seed, arange(rows),
+    EMB_DIM)`` with the table's seed from :data:`TABLE_SEEDS`: the rows the server
+    creates for those keys."""
     torch.manual_seed(SEED)
     model = DIN(data.vocab["item"], data.vocab["genre"], data.vocab["user"], sparse=sparse)
     with torch.no_grad():
-        for emb in (model.item_emb, model.genre_emb, model.user_emb):
+        for name, seed in TABLE_SEEDS.items():
+            emb = model.get_submodule(name)
+            assert isinstance(emb, nn.Embedding)
             keys = np.arange(emb.num_embeddings, dtype=np.int64)
-            emb.weight.copy_(torch.from_numpy(xdl.init.generate(INIT, SEED, keys, EMB_DIM)))
+            emb.weight.copy_(torch.from_numpy(xdl.init.generate(INIT, seed, keys, EMB_DIM)))
     return model
 
 
@@ -247,7 +255,8 @@ def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: i
     client = xdl.connect(local_shards=shards)
     try:
         model = xdl.swap(model, client, optimizer=xdl.optim.Adagrad.torch(lr=lr),
-                         initializer=INIT, seed=SEED)
+                         initializer=INIT,
+                         per_table={k: {"seed": s} for k, s in TABLE_SEEDS.items()})
         opt = torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=lr)
         prefetch = find_prefetch() if use_prefetch else None
         seconds = train_loop(model, opt, data, epochs, batch_size, f"server x{shards}",
