@@ -282,7 +282,7 @@ class ServerDenseOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], client: Any, *, optimizer: Any,
-                 sync_workers: int = 0, prefix: str = "dense/") -> None:
+                 sync_workers: int = 0, prefix: str = "dense.") -> None:
         named = _named(params)
         if not named:
             raise InvalidArgumentError("ServerDenseOptimizer got no parameters")

@@ -261,6 +261,33 @@ def reset_plugin_manager() -> None:
         _state = None
 
 
+def load_plugin(plugin: Any, name: str | None = None) -> None:
+    """Register ``plugin`` (a module or object with ``@xdl.hookimpl`` functions) on the
+    process-wide plugin manager, validate it, and add what it registers.
+
+    For trying a plugin without packaging it; installed plugins load through the
+    ``xdl`` entry-point group instead.
+    """
+    state = get_plugin_state()
+    pm = state.pm
+    with _lock:
+        others = [p for p in pm.get_plugins() if p is not plugin]
+        try:
+            registered = pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise _validation_error(pm, exc, name) from exc
+        if registered is None:
+            return  # blocked
+        try:
+            check_pending(pm)
+        except PluginError:
+            pm.unregister(plugin)
+            raise
+        pm.subset_hook_caller("xdl_register_backends", others)(register=state.backends)
+        pm.subset_hook_caller("xdl_register_adapters", others)(register=state.adapters)
+        pm.subset_hook_caller("xdl_register_optimizers", others)(register=state.optimizers)
+
+
 def get_backend(name_or_obj: Any) -> Backend:
     """A backend by name (``"torch"``), or the backend owning a tensor, model or function.
 

@@ -290,8 +290,8 @@ def test_server_dense_optimizer_matches_local_sgd() -> None:
     server_opt = xdl.ServerDenseOptimizer(remote.named_parameters(), client,
                                           optimizer=xdl.optim.SGD(lr=0.1))
     assert isinstance(server_opt, torch.optim.Optimizer)
-    assert sorted(client.dense) == ["dense/fc.bias", "dense/fc.weight", "dense/out.bias",
-                                    "dense/out.weight"]
+    assert sorted(client.dense) == ["dense.fc.bias", "dense.fc.weight", "dense.out.bias",
+                                    "dense.out.weight"]
     for i in range(20):
         x, y = _dense_data(i)
         for model, opt in ((local, local_opt), (remote, server_opt)):
