@@ -280,6 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-local", action="store_true", help="skip the local comparison run")
     p.add_argument("--no-server", action="store_true", help="skip the server run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="pull each batch's rows in its own forward (no one-step staleness: "
+                        "the server run then matches local training step for step)")
     return p.parse_args(argv)
 
 
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     server = local = None
     if not args.no_server:
         server = train_server(data, args.epochs, args.batch_size, args.shards, args.lr,
-                              progress)
+                              progress, use_prefetch=not args.no_prefetch)
         _report(server)
     if not args.no_local:
         local = train_local(data, args.epochs, args.batch_size, args.lr, progress)

@@ -1,0 +1,118 @@
+"""Training throughput of DIN on MovieLens-100k: through the parameter server versus
+locally, measured in the same run.
+
+The server model is ``examples/din_movielens.py``'s DIN after ``xdl.swap`` onto local
+shards, trained with the adapter's ``prefetch`` (the next batch's rows are pulled while
+the current batch computes) and asynchronous pushes (``sync_push=False``); the baseline
+is the same model with ``nn.Embedding(sparse=True)`` and ``torch.optim.Adagrad``.
+Both see the same batches. To be fair on a shared machine, the two alternate in rounds
+of ``--batches`` steps and the median round of each is reported, with the ratio
+server / local (target: at least 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import xdl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import din_movielens as din  # noqa: E402
+
+TARGET_RATIO = 0.8
+
+
+def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
+              batches: list[din.Batch], prefetch: Any = None) -> float:
+    """Train on ``batches``; returns the wall seconds, pushes included."""
+    loss_fn = nn.BCEWithLogitsLoss()
+    start = time.perf_counter()
+    it: Any = iter(batches) if prefetch is None else prefetch(model, batches)
+    for batch in it:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(*din.model_inputs(batch)), batch["label"]).backward()
+        optimizer.step()
+    if prefetch is not None:  # count the time until every push is applied
+        for module in model.modules():
+            wait = getattr(module, "wait_pushes", None)
+            if wait is not None:
+                wait()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and print samples/s of both, and their ratio."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--batches", type=int, default=60, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--strict", action="store_true",
+                    help=f"exit 1 when the ratio is below {TARGET_RATIO}")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    torch.set_num_threads(args.threads)
+
+    data = din.load_data(args.cache_dir)
+    n_train = len(data.train["label"])
+    rng = np.random.default_rng(din.SEED)
+    steps = args.rounds * args.batches + 5  # 5 warm-up steps
+    rows = np.concatenate([rng.permutation(n_train)
+                           for _ in range(-(-steps * args.batch_size // n_train))])
+    all_batches = [din.to_batch(data.train, rows[i * args.batch_size:(i + 1) * args.batch_size])
+                   for i in range(steps)]
+    warmup, rest = all_batches[:5], all_batches[5:]
+
+    local = din.build_model(data, sparse=True)
+    local_opt = torch.optim.Adagrad(local.parameters(), lr=din.LR)
+    prefetch = din.find_prefetch()
+    client = xdl.connect(local_shards=args.shards)
+    try:
+        server = xdl.swap(din.build_model(data), client,
+                          optimizer=xdl.optim.Adagrad.torch(lr=din.LR), initializer=din.INIT,
+                          per_table={k: {"seed": s} for k, s in din.TABLE_SEEDS.items()},
+                          sync_push=False)
+        server_opt = torch.optim.Adagrad(
+            [p for p in server.parameters() if p.requires_grad], lr=din.LR)
+        run_steps(server, server_opt, warmup, prefetch)  # kernels, caches, threads
+        run_steps(local, local_opt, warmup)
+        server_s: list[float] = []
+        local_s: list[float] = []
+        for r in range(args.rounds):
+            chunk = rest[r * args.batches:(r + 1) * args.batches]
+            server_s.append(run_steps(server, server_opt, chunk, prefetch))
+            local_s.append(run_steps(local, local_opt, chunk))
+    finally:
+        client.close()
+
+    samples = args.batches * args.batch_size
+    s_rate = samples / statistics.median(server_s)
+    l_rate = samples / statistics.median(local_s)
+    ratio = s_rate / l_rate
+    print(f"DIN MovieLens-100k, batch {args.batch_size}, {args.rounds} rounds x "
+          f"{args.batches} steps, {args.threads} torch threads, prefetch "
+          f"{'on' if prefetch is not None else 'unavailable'}")
+    print(f"  server ({args.shards} shards): {s_rate:10,.0f} samples/s  "
+          f"(rounds: {', '.join(f'{samples / s:,.0f}' for s in server_s)})")
+    print(f"  local (sparse Adagrad):  {l_rate:10,.0f} samples/s  "
+          f"(rounds: {', '.join(f'{samples / s:,.0f}' for s in local_s)})")
+    met = ratio >= TARGET_RATIO
+    print(f"  ratio server/local: {ratio:.2f} (target >= {TARGET_RATIO}: "
+          f"{'met' if met else 'NOT met'})")
+    return 1 if args.strict and not met else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
