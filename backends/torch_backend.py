@@ -48,8 +48,8 @@ def _defer_push(client: SparseClient, table: str, ids: np.ndarray, grads: np.nda
     must get one push of the summed gradient, as a local optimizer sees one gradient;
     two pushes would apply Adagrad or Adam twice.
     """
-    if not _pending.by_table:
-        _torch().autograd.Variable._execution_engine.queue_callback(flush_pushes)
+    # flushing is idempotent; queueing per lookup also recovers from an interrupted pass
+    _torch().autograd.Variable._execution_engine.queue_callback(flush_pushes)
     _pending.by_table.setdefault((id(client), table), []).append((client, ids, grads, on_push))
 
 
@@ -164,7 +164,7 @@ class TorchBackend(Backend):
         """``t * weights[:, None]`` (numpy weights are converted)."""
         if isinstance(weights, np.ndarray):
             weights = _torch().from_numpy(weights).to(t.device)
-        return t * weights.to(t.dtype).unsqueeze(1)
+        return t * weights.to(device=t.device, dtype=t.dtype).unsqueeze(1)
 
     def segment_sum(self, t: Any, segments: np.ndarray, num_segments: int) -> Any:
         """Row sums per segment (``index_add``, differentiable)."""

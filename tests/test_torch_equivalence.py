@@ -9,6 +9,7 @@ and final weights agree within 1e-5.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -92,13 +93,20 @@ def clients() -> Iterator[dict[str, Any]]:
         client.close()
 
 
+@functools.cache
+def local_run(opt_name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Local training (once per optimizer): losses and final state."""
+    local = make_model()
+    losses = train(local, OPTIMIZERS[opt_name][0](local.parameters()))
+    return losses, local.state_dict()
+
+
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("where", ["fake", "1-shard", "3-shards"])
 def test_server_training_matches_local(clients: dict[str, Any], where: str,
                                        opt_name: str) -> None:
     local_opt, server_opt = OPTIMIZERS[opt_name]
-    local = make_model()
-    local_losses = train(local, local_opt(local.parameters()))
+    local_losses, local_state = local_run(opt_name)
 
     client = clients[where]
     remote = xdl.swap(make_model(), client, optimizer=server_opt, initializer=INIT, seed=SEED,
@@ -110,7 +118,7 @@ def test_server_training_matches_local(clients: dict[str, Any], where: str,
 
     restored = xdl.unswap(remote, client)
     assert type(restored.emb) is nn.Embedding
-    for (name, a), (_, b) in zip(local.state_dict().items(), restored.state_dict().items(),
+    for (name, a), (_, b) in zip(local_state.items(), restored.state_dict().items(),
                                  strict=True):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=TOL, err_msg=name)
     assert abs(local_losses[-1] - local_losses[0]) > 1e-3  # it did learn something
