@@ -268,8 +268,10 @@ class ServerDenseOptimizer(torch.optim.Optimizer):
     with the parameter's current value; the first worker's value wins, every worker
     starts from the server's). ``step()`` pushes every gradient and replaces each
     parameter by the server's fresh value. With ``sync_workers=N`` the server averages
-    N workers' gradients per step and ``step()`` waits for that step's update; with 0 it
-    applies each push as it comes (asynchronous).
+    N workers' gradients per step and ``step()`` waits for that step's update (each push
+    carries the version its gradient was computed at); with 0 it applies each push as
+    it comes (asynchronous). In sync mode each worker needs its own client (a blocking
+    pull holds the client while it waits).
 
     One worker does not need this: keep the model's own ``torch.optim`` optimizer.
 
@@ -291,18 +293,23 @@ class ServerDenseOptimizer(torch.optim.Optimizer):
         self.sync_workers = int(sync_workers)
         self.names = [prefix + name for name, _ in named]
         self._params = [p for _, p in named]
-        self._steps = 0
+        #: per variable, the version its current value was pulled at
+        self.versions = [0] * len(named)
         for name, p in zip(self.names, self._params, strict=True):
             initial = p.detach().cpu().numpy().astype(np.float32)
             client.create_dense(name, tuple(p.shape), optimizer=optimizer, initial=initial,
                                 sync_workers=self.sync_workers)
         self._pull(None)
 
-    def _pull(self, min_version: int | None) -> None:
+    def _pull(self, min_versions: list[int] | None) -> None:
+        seen = getattr(self.client, "dense_version", None)
         with torch.no_grad():
-            for name, p in zip(self.names, self._params, strict=True):
-                value = np.asarray(self.client.dense_pull(name, min_version=min_version))
+            for i, (name, p) in enumerate(zip(self.names, self._params, strict=True)):
+                wanted = None if min_versions is None else min_versions[i]
+                value = np.asarray(self.client.dense_pull(name, min_version=wanted))
                 p.copy_(torch.from_numpy(np.array(value, dtype=np.float32)).view_as(p))
+                # the client reports the version it read; else assume the one asked for
+                self.versions[i] = int(seen(name)) if seen is not None else (wanted or 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -311,17 +318,16 @@ class ServerDenseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._steps += 1
         tickets = []
-        for name, p in zip(self.names, self._params, strict=True):
+        for name, p, version in zip(self.names, self._params, self.versions, strict=True):
             grad = (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
             if grad.is_sparse:
                 grad = grad.to_dense()
             g = np.ascontiguousarray(grad.cpu().numpy(), dtype=np.float32)
-            tickets.append(self.client.dense_push(name, g, step=self._steps))
+            tickets.append(self.client.dense_push(name, g, step=version))
         for ticket in tickets:
             self.client.wait(ticket)
-        self._pull(self._steps if self.sync_workers else None)
+        self._pull([v + 1 for v in self.versions] if self.sync_workers else None)
         return loss
 
 

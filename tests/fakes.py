@@ -59,6 +59,7 @@ class FakeClient:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._tickets = 0
+        self._dense_seen: dict[str, int] = {}
 
     def __enter__(self) -> FakeClient:
         return self
@@ -118,7 +119,11 @@ class FakeClient:
             var = self.dense[name]
             if not self._changed.wait_for(lambda: var["version"] >= (min_version or 0), 10):
                 raise TimeoutError(f"dense {name} never reached version {min_version}")
+            self._dense_seen[name] = var["version"]
             return var["value"].copy()
+
+    def dense_version(self, name: str) -> int:
+        return self._dense_seen.get(name, 0)
 
     def dense_push(self, name: str, grad: Any, *, step: int | None = None) -> int:
         with self._changed:

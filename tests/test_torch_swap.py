@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -302,13 +303,29 @@ def test_server_dense_optimizer_matches_local_sgd() -> None:
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 
-def test_server_dense_optimizer_sync_workers_average() -> None:
-    client = FakeClient()
+@pytest.fixture(params=["fake", "real"])
+def two_clients(request: pytest.FixtureRequest) -> Iterator[list[Any]]:
+    """Two workers' clients: one shared fake, or two real clients of one shard."""
+    if request.param == "fake":
+        fake = FakeClient()
+        yield [fake, fake]
+        return
+    first = xdl.connect(local_shards=1)
+    second = xdl.connect(first.servers)
+    try:
+        yield [first, second]
+    finally:
+        second.close()
+        first.close()
+
+
+def test_server_dense_optimizer_sync_workers_average(two_clients: list[Any]) -> None:
     workers = [TwoLayer() for _ in range(2)]
     with torch.no_grad():
         workers[1].fc.weight.add_(1.0)  # a different start: the first creator's value wins
-    opts = [xdl.ServerDenseOptimizer(w.parameters(), client, optimizer=xdl.optim.SGD(lr=0.1),
-                                     sync_workers=2) for w in workers]
+    opts = [xdl.ServerDenseOptimizer(w.parameters(), c, optimizer=xdl.optim.SGD(lr=0.1),
+                                     sync_workers=2)
+            for w, c in zip(workers, two_clients, strict=True)]
     reference = TwoLayer()
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     errors: list[BaseException] = []
