@@ -37,7 +37,9 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
     """Train on ``batches``; returns the wall seconds, pushes included."""
     loss_fn = nn.BCEWithLogitsLoss()
     start = time.perf_counter()
-    it: Any = iter(batches) if prefetch is None else prefetch(model, batches)
+    it: Any = iter(batches)
+    if prefetch is not None:
+        it = prefetch(model, batches, ids_fn=din.model_prefetch_ids(model))
     for batch in it:
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(*din.model_inputs(batch)), batch["label"]).backward()

@@ -93,13 +93,32 @@ class DIN(nn.Module):
         g = (g * gmask).sum(-2) / gmask.sum(-2).clamp(min=1.0)
         return torch.cat([self.item_emb(items), g], dim=-1)
 
+    @staticmethod
+    def lookup_ids(item: torch.Tensor, item_genres: torch.Tensor, hist_items: torch.Tensor,
+                   hist_genres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target and history side by side: items ``[B, 1 + L]``, genres ``[B, 1 + L, G]``."""
+        items = torch.cat([item.unsqueeze(1), hist_items], dim=1)
+        genres = torch.cat([item_genres.unsqueeze(1), hist_genres], dim=1)
+        return items, genres
+
+    def prefetch_ids(self, batch: Batch) -> list[tuple[nn.Module, torch.Tensor]]:
+        """``(embedding module, ids)`` pairs of a batch, for the adapter's ``prefetch``
+        (``ids_fn``): the ids each table will see, up to repeats."""
+        items, genres = self.lookup_ids(batch["item"], batch["item_genres"],
+                                        batch["hist_items"], batch["hist_genres"])
+        return [(self.item_emb, items), (self.genre_emb, genres), (self.user_emb, batch["user"])]
+
     def forward(self, user: torch.Tensor, item: torch.Tensor, item_genres: torch.Tensor,
                 hist_items: torch.Tensor, hist_genres: torch.Tensor) -> torch.Tensor:
         """Logits of the click (rating >= 4) probability, ``[B]``."""
-        # one lookup per table: the target is looked up with the history, as slot 0
-        items = torch.cat([item.unsqueeze(1), hist_items], dim=1)
-        genres = torch.cat([item_genres.unsqueeze(1), hist_genres], dim=1)
-        both = self.embed_items(items, genres)
+        items, genres = self.lookup_ids(item, item_genres, hist_items, hist_genres)
+        # each distinct item of the batch is embedded once (one lookup per table, few
+        # rows), then gathered back to the target slot 0 and the history slots
+        uniq, inverse = torch.unique(items, return_inverse=True)
+        width = genres.shape[-1]
+        uniq_genres = genres.new_zeros((len(uniq), width)).index_copy_(
+            0, inverse.reshape(-1), genres.reshape(-1, width))
+        both = self.embed_items(uniq, uniq_genres)[inverse]
         target, hist = both[:, 0], both[:, 1:]
         mask = (hist_items > 0).to(hist.dtype)
         pooled = self.attention(hist, target, mask)
@@ -154,6 +173,12 @@ def build_model(data: datasets.DinData, sparse: bool = False) -> DIN:
             keys = np.arange(emb.num_embeddings, dtype=np.int64)
             emb.weight.copy_(torch.from_numpy(xdl.init.generate(INIT, seed, keys, EMB_DIM)))
     return model
+
+
+def model_prefetch_ids(model: nn.Module) -> Callable[[Batch], Any]:
+    """``ids_fn`` for the adapter's ``prefetch``: :meth:`DIN.prefetch_ids` of ``model``."""
+    assert isinstance(model, DIN)
+    return model.prefetch_ids
 
 
 def model_inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -214,7 +239,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer,
     for epoch in range(epochs):
         it: Any = batches(data.train, batch_size, SEED, epoch)
         if prefetch is not None:
-            it = prefetch(model, it)
+            it = prefetch(model, it, ids_fn=model_prefetch_ids(model))
         for batch in it:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(*model_inputs(batch)), batch["label"])
