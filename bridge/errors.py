@@ -11,7 +11,7 @@ from __future__ import annotations
 class XdlError(Exception):
     """Base class of every error raised by xdl."""
 
-    code: str = "XDL_ERROR"
+    code: str = "ERROR"
 
     def __init__(self, message: str, *, endpoint: str | None = None, table: str | None = None):
         self.message = message
