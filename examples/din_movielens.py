@@ -324,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     t0 = time.perf_counter()
-    data = load_data(args.cache_dir)
+    try:
+        data = load_data(args.cache_dir)
+    except datasets.DatasetUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"MovieLens-100k DIN samples: {len(data.train['label']):,} train, "
           f"{len(data.test['label']):,} test ({time.perf_counter() - t0:.1f}s)")
     progress = not args.no_progress
