@@ -45,7 +45,14 @@ from .errors import (
     XdlError,
     error_from_code,
 )
-from .sharding import bucket_of, bucket_ranges, dense_shard, shard_of_bucket
+from .sharding import (
+    bucket_ranges,
+    dense_shard,
+    put_rows,
+    shard_of_bucket,
+    split_by_shard,
+    take_rows,
+)
 
 log = logging.getLogger("xdl.client")
 
@@ -361,14 +368,15 @@ class Client:
     # ------------------------------------------------------------ routing
     def _split(self, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
         """Order ids by shard: returns the permutation and ``(shard, start, stop)`` runs."""
-        shards = self._route[bucket_of(ids)]
         if self.num_shards == 1:
             return np.arange(ids.size), [(0, 0, ids.size)]
-        order = np.argsort(shards, kind="stable")
-        counts = np.bincount(shards, minlength=self.num_shards)
+        order, _, counts = split_by_shard(ids, self._route, self.num_shards)
+        return order, self._runs(counts)
+
+    def _runs(self, counts: np.ndarray) -> list[tuple[int, int, int]]:
         ends = np.cumsum(counts)
-        return order, [(k, int(ends[k] - counts[k]), int(ends[k]))
-                       for k in range(self.num_shards) if counts[k]]
+        return [(k, int(ends[k] - counts[k]), int(ends[k]))
+                for k in range(self.num_shards) if counts[k]]
 
     @staticmethod
     def _as_ids(ids: Any, table: str) -> np.ndarray:
@@ -435,10 +443,14 @@ class Client:
         else:
             uniq, inverse = np.unique(flat, return_inverse=True)
         dim = self._dim(table)
-        order, runs = self._split(uniq)
+        if self.num_shards == 1:  # no routing, no permutation
+            order, sorted_ids, runs = None, uniq, [(0, 0, uniq.size)]
+        else:
+            order, sorted_ids, counts = split_by_shard(uniq, self._route, self.num_shards)
+            runs = self._runs(counts)
         with self._lock:
             self._raise_failed()
-            sent = [(k, self._send(k, P.PULL, {"table": table}, {"ids": uniq[order[s:e]]}))
+            sent = [(k, self._send(k, P.PULL, {"table": table}, {"ids": sorted_ids[s:e]}))
                     for k, s, e in runs]
             replies = self._results(sent)
         rows = np.empty((uniq.size, dim), dtype=np.float32)
@@ -448,7 +460,10 @@ class Client:
                 raise InvalidArgumentError(
                     f"shard returned rows of shape {None if got is None else list(got.shape)}, "
                     f"expected {[e - s, dim]}", endpoint=self.servers[k], table=table)
-            rows[order[s:e]] = got
+            if order is None:
+                rows[...] = got
+            else:
+                put_rows(rows, order[s:e], got)
         return rows if inverse is None else rows[inverse]
 
     def push(self, table: str, ids: Any, grads: Any, *, unique: bool = False) -> Ticket:
@@ -463,6 +478,7 @@ class Client:
         """
         flat = self._as_ids(ids, table)
         g = np.asarray(grads)
+        owned = False  # whether flat and g are arrays this call made
         dim = self._dim(table)
         if g.dtype != np.float32:
             if g.dtype.kind != "f":
@@ -481,13 +497,22 @@ class Client:
             if uniq.size != flat.size:  # sum the gradients of repeated ids
                 summed = np.zeros((uniq.size, dim), dtype=np.float32)
                 np.add.at(summed, inverse, g)
-                flat, g = uniq, summed
-        order, runs = self._split(flat)
+                flat, g, owned = uniq, summed, True
+        if self.num_shards == 1:  # no routing, no permutation
+            # The request is sent without copies, asynchronously, and kept for resends:
+            # it must not share memory with arrays the caller may change after we return.
+            sorted_ids = flat if owned else flat.copy()
+            sorted_g = g if owned else np.array(g, dtype=np.float32, order="C")
+            runs = [(0, 0, flat.size)]
+        else:
+            order, sorted_ids, counts = split_by_shard(flat, self._route, self.num_shards)
+            sorted_g = take_rows(g, order)
+            runs = self._runs(counts)
         with self._lock:
             self._raise_failed()
             self._throttle()
             sent = tuple((k, self._send(k, P.PUSH, {"table": table},
-                                        {"ids": flat[order[s:e]], "grads": g[order[s:e]]}))
+                                        {"ids": sorted_ids[s:e], "grads": sorted_g[s:e]}))
                          for k, s, e in runs)
             for k, seq in sent:
                 self._conns[k].orphans.add(seq)

@@ -2,35 +2,136 @@
 
 An id's bucket is ``mix64(id) >> 48`` (65,536 buckets). A cluster of N shards maps
 contiguous bucket ranges to shards: shard k owns ``[k*65536//N, (k+1)*65536//N)``.
-Everything here is vectorized numpy; no Python loop touches ids.
+The per-id work runs in numba kernels (one pass, no temporaries); no Python loop
+touches ids.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from .protocol import BUCKET_SHIFT, NUM_BUCKETS
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30 = np.uint64(30)
-_S27 = np.uint64(27)
-_S31 = np.uint64(31)
+__all__ = [
+    "mix64",
+    "bucket_of",
+    "bucket_ranges",
+    "shard_of_bucket",
+    "shard_of",
+    "split_by_shard",
+    "take_rows",
+    "put_rows",
+    "first_outside",
+    "dense_shard",
+]
+
+
+@njit(cache=True, inline="always")
+def _mix(z: np.uint64) -> np.uint64:
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True)
+def _mix64(ids: np.ndarray, out: np.ndarray) -> None:
+    for i in range(ids.shape[0]):
+        out[i] = _mix(np.uint64(ids[i]))
+
+
+@njit(cache=True)
+def _buckets(ids: np.ndarray, out: np.ndarray) -> None:
+    for i in range(ids.shape[0]):
+        out[i] = np.int64(_mix(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))
+
+
+@njit(cache=True)
+def _shards(ids: np.ndarray, route: np.ndarray, out: np.ndarray) -> None:
+    for i in range(ids.shape[0]):
+        out[i] = route[np.int64(_mix(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))]
+
+
+@njit(cache=True)
+def _split(ids: np.ndarray, route: np.ndarray, num_shards: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # a stable counting sort by shard: the same permutation as a stable argsort
+    n = ids.shape[0]
+    shard = np.empty(n, dtype=np.int32)
+    counts = np.zeros(num_shards, dtype=np.int64)
+    for i in range(n):
+        k = route[np.int64(_mix(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))]
+        shard[i] = k
+        counts[k] += 1
+    pos = np.empty(num_shards, dtype=np.int64)
+    acc = 0
+    for k in range(num_shards):
+        pos[k] = acc
+        acc += counts[k]
+    order = np.empty(n, dtype=np.int64)
+    sorted_ids = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        k = shard[i]
+        p = pos[k]
+        order[p] = i
+        sorted_ids[p] = ids[i]
+        pos[k] = p + 1
+    return order, sorted_ids, counts
+
+
+@njit(cache=True)
+def _take(a: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+    dim = a.shape[1]
+    for i in range(idx.shape[0]):
+        src = a[idx[i]]
+        dst = out[i]
+        for j in range(dim):
+            dst[j] = src[j]
+
+
+@njit(cache=True)
+def _put(out: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+    dim = out.shape[1]
+    for i in range(idx.shape[0]):
+        dst = out[idx[i]]
+        s = src[i]
+        for j in range(dim):
+            dst[j] = s[j]
+
+
+@njit(cache=True)
+def _first_outside(ids: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    first = -1
+    count = 0
+    for i in range(ids.shape[0]):
+        b = np.int64(_mix(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))
+        if b < lo or b >= hi:
+            if first < 0:
+                first = i
+            count += 1
+    return first, count
+
+
+def _ids64(ids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(ids).astype(np.int64, copy=False).reshape(-1))
 
 
 def mix64(ids: np.ndarray) -> np.ndarray:
     """SplitMix64's finalizer over int64 ids, as uint64 (a bijection that spreads bits)."""
-    z = np.asarray(ids).astype(np.int64, copy=False).view(np.uint64)
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> _S30)) * _M1
-        z = (z ^ (z >> _S27)) * _M2
-        z = z ^ (z >> _S31)
-    return z
+    a = np.asarray(ids)
+    flat = _ids64(a)
+    out = np.empty(flat.shape[0], dtype=np.uint64)
+    _mix64(flat, out)
+    return out.reshape(a.shape)
 
 
 def bucket_of(ids: np.ndarray) -> np.ndarray:
     """Bucket (0..65535) of each id, as int64."""
-    return (mix64(ids) >> np.uint64(BUCKET_SHIFT)).astype(np.int64)
+    a = np.asarray(ids)
+    flat = _ids64(a)
+    out = np.empty(flat.shape[0], dtype=np.int64)
+    _buckets(flat, out)
+    return out.reshape(a.shape)
 
 
 def bucket_ranges(num_shards: int) -> list[tuple[int, int]]:
@@ -51,7 +152,41 @@ def shard_of_bucket(num_shards: int) -> np.ndarray:
 
 def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
     """Shard index of each id for a cluster of ``num_shards`` shards."""
-    return shard_of_bucket(num_shards)[bucket_of(ids)]
+    a = np.asarray(ids)
+    flat = _ids64(a)
+    out = np.empty(flat.shape[0], dtype=np.int64)
+    _shards(flat, shard_of_bucket(num_shards), out)
+    return out.reshape(a.shape)
+
+
+def split_by_shard(ids: np.ndarray, route: np.ndarray, num_shards: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group 1-D int64 ``ids`` by shard in one pass (a stable counting sort).
+
+    :param route: the bucket → shard array of :func:`shard_of_bucket` for ``num_shards``.
+    :returns: ``(order, sorted_ids, counts)``: ``sorted_ids == ids[order]``, shard k's
+        ids are the k-th run of ``counts[k]`` entries, in their original order.
+    """
+    return _split(_ids64(ids), np.ascontiguousarray(route, dtype=np.int64), int(num_shards))
+
+
+def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[idx]`` for a C-contiguous 2-D ``a`` and valid int64 ``idx`` (a new array)."""
+    out = np.empty((idx.shape[0], a.shape[1]), dtype=a.dtype)
+    _take(np.ascontiguousarray(a), np.ascontiguousarray(idx, dtype=np.int64), out)
+    return out
+
+
+def put_rows(out: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+    """``out[idx] = src`` in place for a C-contiguous 2-D ``out`` and valid int64 ``idx``."""
+    _put(out, np.ascontiguousarray(idx, dtype=np.int64),
+         np.ascontiguousarray(src, dtype=out.dtype))
+
+
+def first_outside(ids: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """``(index of the first id whose bucket is outside [lo, hi) or -1, how many are)``."""
+    first, count = _first_outside(_ids64(ids), int(lo), int(hi))
+    return int(first), int(count)
 
 
 def dense_shard(name: str, num_shards: int) -> int:

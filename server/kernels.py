@@ -33,9 +33,11 @@ __all__ = [
     "MAX_LOAD",
     "HashIndex",
     "RowPool",
+    "all_finite",
     "first_duplicate",
     "gather_rows",
     "scatter_rows",
+    "touch_rows",
 ]
 
 
@@ -194,14 +196,51 @@ def _first_duplicate(keys: np.ndarray) -> int:
 
 @njit(cache=True)
 def _gather(values: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    dim = values.shape[1]
     for i in range(rows.shape[0]):
-        out[i, :] = values[rows[i], :]
+        src = values[rows[i]]
+        dst = out[i]
+        for j in range(dim):
+            dst[j] = src[j]
 
 
 @njit(cache=True)
 def _scatter(values: np.ndarray, rows: np.ndarray, src: np.ndarray) -> None:
+    dim = values.shape[1]
     for i in range(rows.shape[0]):
-        values[rows[i], :] = src[i, :]
+        dst = values[rows[i]]
+        s = src[i]
+        for j in range(dim):
+            dst[j] = s[j]
+
+
+@njit(cache=True)
+def _max_exponent(bits: np.ndarray) -> np.uint32:
+    # float32 bit patterns: NaN and Inf are the ones whose exponent field is all ones; an
+    # integer max-reduction vectorizes where a float test would not
+    m = np.uint32(0)
+    for i in range(bits.shape[0]):
+        m = max(m, bits[i] & np.uint32(0x7F800000))
+    return m
+
+
+@njit(cache=True)
+def _touch(freq: np.ndarray, last_step: np.ndarray, rows: np.ndarray, step: int) -> None:
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        freq[r] += 1
+        last_step[r] = step
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether every element of the float32 array ``a`` is finite (no NaN, no Inf)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).reshape(-1).view(np.uint32)
+    return bool(bits.size == 0 or _max_exponent(bits) != np.uint32(0x7F800000))
+
+
+def touch_rows(freq: np.ndarray, last_step: np.ndarray, rows: np.ndarray, step: int) -> None:
+    """``freq[rows] += 1`` and ``last_step[rows] = step`` in one pass (rows unique)."""
+    _touch(freq, last_step, np.ascontiguousarray(rows, dtype=np.int64), int(step))
 
 
 def first_duplicate(keys: np.ndarray) -> int:

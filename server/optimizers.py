@@ -1,152 +1,249 @@
 """Fused, in-place optimizer updates over the rows of a table (numba kernels).
 
 Each kernel applies ``grads[i]`` to ``values[rows[i]]`` and to the same row of every
-slot array, element by element, in one pass. Arithmetic is done in float64 and stored
-as float32, in the operation order of the reference implementation (torch's where the
-formulas are torch's). The formulas and framework variants are documented on the specs
+slot array, element by element, in one pass over contiguous row slices (so the inner
+loops vectorize). Arithmetic is float32 throughout: hyper-parameters are cast to
+float32 once, and the torch variants follow torch's own CPU kernels operation by
+operation, including where torch fuses a multiply and an add into one FMA
+(``add_(x, alpha=a)`` is ``fma(a, x, self)``, ``addcmul_(t1, t2, value=v)`` is
+``fma(v * t1, t2, self)``, ``lerp_`` is torch's two-branch FMA form, and
+``addcdiv_(t1, t2, value=v)`` is ``self + (v * t1) / t2``). SGD and momentum are
+therefore bit-identical to ``torch.optim``; the optimizers with a square root match
+it to about one float32 ulp, because torch's CPU ``sqrt`` (MKL/SLEEF vector code) is
+not always correctly rounded while this one is. The TF/MXNet variants follow their
+formulas in float32. The formulas and framework variants are documented on the specs
 in :mod:`xdl.optim`. Rows must be unique within one call (the table checks).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from xdl.errors import InvalidArgumentError
 from xdl.optim import FTRL, SGD, Adagrad, Adam, Momentum, Optimizer, RMSProp
 
 __all__ = ["apply"]
 
+_F32 = np.float32
+_ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
+_TWO = np.float32(2.0)
+_HALF = np.float32(0.5)
 
-@njit(cache=True)
-def _sgd(values, rows, grads, lr):  # type: ignore[no-untyped-def]
+
+@intrinsic
+def _fma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """``a * b + c`` with one rounding (``llvm.fma.f32``), as torch's vector kernels."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3),
+                                            "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _lerp(a, b, w, w1):  # type: ignore[no-untyped-def]
+    # torch's lerp: w1 = w - 1, both float32
+    if abs(w) < _HALF:
+        return _fma(w, b - a, a)
+    return _fma(b - a, w1, b)
+
+
+@njit(cache=True, error_model="numpy")
+def _sgd(values, rows, grads, neg_lr):  # type: ignore[no-untyped-def]
+    # torch: param.add_(g, alpha=-lr)
+    dim = values.shape[1]
+    for i in range(rows.shape[0]):
+        w = values[rows[i]]
+        g = grads[i]
+        for j in range(dim):
+            w[j] = _fma(neg_lr, g[j], w[j])
+
+
+@njit(cache=True, error_model="numpy")
+def _momentum(values, vel, rows, grads, lr, neg_lr, mu, nesterov, tf_variant):  # type: ignore[no-untyped-def]
+    dim = values.shape[1]
     for i in range(rows.shape[0]):
         r = rows[i]
-        for j in range(values.shape[1]):
-            values[r, j] = values[r, j] - lr * grads[i, j]
-
-
-@njit(cache=True)
-def _momentum(values, vel, rows, grads, lr, mu, nesterov, tf_variant):  # type: ignore[no-untyped-def]
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        for j in range(values.shape[1]):
-            g = np.float64(grads[i, j])
-            if tf_variant:
-                v = mu * vel[r, j] - lr * g
-                vel[r, j] = v
-                v = np.float64(vel[r, j])
-                if nesterov:
-                    values[r, j] = values[r, j] + (mu * v - lr * g)
-                else:
-                    values[r, j] = values[r, j] + v
+        w = values[r]
+        v = vel[r]
+        g = grads[i]
+        if tf_variant:
+            # v = mu v - lr g; w += v (nesterov: w += mu v - lr g)
+            if nesterov:
+                for j in range(dim):
+                    vj = mu * v[j] - lr * g[j]
+                    v[j] = vj
+                    w[j] = w[j] + (mu * vj - lr * g[j])
             else:
-                vel[r, j] = mu * vel[r, j] + g
-                v = np.float64(vel[r, j])
-                if nesterov:
-                    values[r, j] = values[r, j] - lr * (g + mu * v)
-                else:
-                    values[r, j] = values[r, j] - lr * v
+                for j in range(dim):
+                    vj = mu * v[j] - lr * g[j]
+                    v[j] = vj
+                    w[j] = w[j] + vj
+        elif nesterov:
+            # torch: buf.mul_(mu).add_(g); g2 = g.add(buf, alpha=mu); w.add_(g2, alpha=-lr)
+            for j in range(dim):
+                vj = v[j] * mu + g[j]
+                v[j] = vj
+                w[j] = _fma(neg_lr, _fma(mu, vj, g[j]), w[j])
+        else:
+            # torch: buf.mul_(mu).add_(g); w.add_(buf, alpha=-lr)
+            for j in range(dim):
+                vj = v[j] * mu + g[j]
+                v[j] = vj
+                w[j] = _fma(neg_lr, vj, w[j])
 
 
-@njit(cache=True)
-def _adagrad(values, acc, rows, grads, lr, eps, eps_inside):  # type: ignore[no-untyped-def]
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        for j in range(values.shape[1]):
-            g = np.float64(grads[i, j])
-            acc[r, j] = acc[r, j] + g * g
-            a = np.float64(acc[r, j])
-            if eps_inside:
-                std = math.sqrt(a + eps)
-            else:
-                std = math.sqrt(a) + eps
-            values[r, j] = values[r, j] + (-lr) * (g / std)
+@njit(cache=True, error_model="numpy")
+def _adagrad(values, acc, rows, grads, neg_lr, eps, eps_inside):  # type: ignore[no-untyped-def]
+    # torch: acc.addcmul_(g, g, value=1); std = acc.sqrt().add_(eps); w.addcdiv_(g, std, value=-lr)
+    dim = values.shape[1]
+    if eps_inside:
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            w = values[r]
+            a = acc[r]
+            g = grads[i]
+            for j in range(dim):
+                gj = g[j]
+                aj = _fma(gj, gj, a[j])
+                a[j] = aj
+                w[j] = w[j] + (neg_lr * gj) / math.sqrt(aj + eps)
+    else:
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            w = values[r]
+            a = acc[r]
+            g = grads[i]
+            for j in range(dim):
+                gj = g[j]
+                aj = _fma(gj, gj, a[j])
+                a[j] = aj
+                w[j] = w[j] + (neg_lr * gj) / (math.sqrt(aj) + eps)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _adam(values, m, v, t, rows, grads, lr, b1, b2, eps, eps_hat):  # type: ignore[no-untyped-def]
+    # lr, b1, b2 are float64 (per-row bias corrections are computed in float64 as torch's
+    # Python scalars are, then cast to float32 once per row); eps is float32.
+    dim = values.shape[1]
+    w1 = _F32(1.0 - b1)
+    w1m1 = w1 - _ONE
+    b2f = _F32(b2)
+    c2 = _F32(1.0 - b2)
     for i in range(rows.shape[0]):
         r = rows[i]
-        t[r, 0] = t[r, 0] + np.float32(1.0)
+        t[r, 0] = t[r, 0] + _ONE
         step = np.float64(t[r, 0])
         bc1 = 1.0 - b1 ** step
         bc2 = 1.0 - b2 ** step
-        lr_t = 0.0
-        step_size = 0.0
-        bc2_sqrt = 1.0
+        w = values[r]
+        mr = m[r]
+        vr = v[r]
+        g = grads[i]
         if eps_hat:
-            lr_t = lr * math.sqrt(bc2) / bc1
+            # TF/MXNet: lr_t = lr sqrt(1 - b2^t) / (1 - b1^t); w -= lr_t m / (sqrt(v) + eps)
+            lr_t = _F32(lr * math.sqrt(bc2) / bc1)
+            for j in range(dim):
+                gj = g[j]
+                mj = mr[j] + w1 * (gj - mr[j])
+                vj = vr[j] * b2f + c2 * gj * gj
+                mr[j] = mj
+                vr[j] = vj
+                w[j] = w[j] - lr_t * mj / (math.sqrt(vj) + eps)
         else:
-            step_size = lr / bc1
-            bc2_sqrt = math.sqrt(bc2)
-        for j in range(values.shape[1]):
-            g = np.float64(grads[i, j])
-            m[r, j] = m[r, j] + (1.0 - b1) * (g - m[r, j])
-            v[r, j] = v[r, j] * b2 + (1.0 - b2) * g * g
-            mm = np.float64(m[r, j])
-            vv = np.float64(v[r, j])
-            if eps_hat:
-                values[r, j] = values[r, j] - lr_t * mm / (math.sqrt(vv) + eps)
-            else:
-                denom = math.sqrt(vv) / bc2_sqrt + eps
-                values[r, j] = values[r, j] - step_size * (mm / denom)
+            # torch: m.lerp_(g, 1 - b1); v.mul_(b2).addcmul_(g, g, value=1 - b2);
+            # denom = (v.sqrt() / sqrt(bc2)).add_(eps); w.addcdiv_(m, denom, value=-lr / bc1)
+            neg_step = _F32(-(lr / bc1))
+            bc2_sqrt = _F32(math.sqrt(bc2))
+            for j in range(dim):
+                gj = g[j]
+                mj = _lerp(mr[j], gj, w1, w1m1)
+                vj = _fma(c2 * gj, gj, vr[j] * b2f)
+                mr[j] = mj
+                vr[j] = vj
+                w[j] = w[j] + (neg_step * mj) / (math.sqrt(vj) / bc2_sqrt + eps)
 
 
-@njit(cache=True)
-def _rmsprop(values, ms, mom, mg, rows, grads, lr, rho, eps, momentum, centered,  # type: ignore[no-untyped-def]
-             eps_inside):
-    use_mom = momentum > 0.0
+@njit(cache=True, error_model="numpy")
+def _rmsprop(values, ms, mom, mg, rows, grads, neg_lr, rho, c, c1, eps, momentum,  # type: ignore[no-untyped-def]
+             use_mom, centered, eps_inside):
+    # torch: ms.mul_(rho).addcmul_(g, g, value=1 - rho); centered: mg.lerp_(g, 1 - rho),
+    # d = ms.addcmul(mg, mg, value=-1); avg = d.sqrt().add_(eps);
+    # momentum: mom.mul_(mu).addcdiv_(g, avg); w.add_(mom, alpha=-lr)
+    # else w.addcdiv_(g, avg, value=-lr).   (c = 1 - rho, c1 = c - 1)
+    dim = values.shape[1]
     for i in range(rows.shape[0]):
         r = rows[i]
-        for j in range(values.shape[1]):
-            g = np.float64(grads[i, j])
-            ms[r, j] = ms[r, j] * rho + (1.0 - rho) * g * g
-            d = np.float64(ms[r, j])
+        w = values[r]
+        s = ms[r]
+        g = grads[i]
+        for j in range(dim):
+            gj = g[j]
+            sj = _fma(c * gj, gj, s[j] * rho)
+            s[j] = sj
+            d = sj
             if centered:
-                mg[r, j] = mg[r, j] + (1.0 - rho) * (g - mg[r, j])
-                a = np.float64(mg[r, j])
-                d = d - a * a
+                aj = _lerp(mg[r, j], gj, c, c1)
+                mg[r, j] = aj
+                d = _fma(-aj, aj, sj)
             if eps_inside:
                 den = math.sqrt(d + eps)
             else:
                 den = math.sqrt(d) + eps
             if use_mom:
-                mom[r, j] = mom[r, j] * momentum + g / den
-                values[r, j] = values[r, j] - lr * np.float64(mom[r, j])
+                bj = mom[r, j] * momentum + gj / den
+                mom[r, j] = bj
+                w[j] = _fma(neg_lr, bj, w[j])
             else:
-                values[r, j] = values[r, j] - lr * (g / den)
+                w[j] = w[j] + (neg_lr * gj) / den
 
 
-@njit(cache=True)
-def _ftrl(values, acc, lin, rows, grads, lr, lr_power, l1, l2, l2_shrinkage):  # type: ignore[no-untyped-def]
-    # l2 here already holds l2 + beta / (2 * lr)
+@njit(cache=True, error_model="numpy")
+def _ftrl(values, acc, lin, rows, grads, lr, lr_power, l1, l2, l2_shrinkage, sqrt_power):  # type: ignore[no-untyped-def]
+    # TF's ApplyFtrl(V2), in float32; l2 here already holds l2 + beta / (2 * lr)
+    neg_p = -lr_power
+    two_l2 = _TWO * l2
+    two_shr = _TWO * l2_shrinkage
+    dim = values.shape[1]
     for i in range(rows.shape[0]):
         r = rows[i]
-        for j in range(values.shape[1]):
-            g = np.float64(grads[i, j])
-            w = np.float64(values[r, j])
-            n = np.float64(acc[r, j])
-            gs = g + 2.0 * l2_shrinkage * w
-            n_new = n + g * g
-            if lr_power == -0.5:
+        wr = values[r]
+        ar = acc[r]
+        zr = lin[r]
+        g = grads[i]
+        for j in range(dim):
+            gj = g[j]
+            w = wr[j]
+            n = ar[j]
+            gs = gj + two_shr * w
+            n_new = n + gj * gj
+            if sqrt_power:
                 p_new = math.sqrt(n_new)
                 p_old = math.sqrt(n)
             else:
-                p_new = n_new ** (-lr_power)
-                p_old = n ** (-lr_power)
-            z = np.float64(lin[r, j]) + gs - (p_new - p_old) / lr * w
-            lin[r, j] = z
-            z = np.float64(lin[r, j])
-            q = p_new / lr + 2.0 * l2
+                p_new = n_new ** neg_p
+                p_old = n ** neg_p
+            z = zr[j] + gs - (p_new - p_old) / lr * w
+            zr[j] = z
+            q = p_new / lr + two_l2
             if abs(z) > l1:
-                sign = 1.0 if z > 0 else -1.0
-                values[r, j] = (sign * l1 - z) / q
+                sign = _ONE if z > _ZERO else -_ONE
+                wr[j] = (sign * l1 - z) / q
             else:
-                values[r, j] = 0.0
-            acc[r, j] = n_new
+                wr[j] = _ZERO
+            ar[j] = n_new
 
 
 _NONE = np.zeros((1, 1), dtype=np.float32)
@@ -158,8 +255,9 @@ def apply(spec: Optimizer, values: np.ndarray, slots: dict[str, np.ndarray], row
     and of every slot array in ``slots`` (named as ``spec.slot_names()``).
 
     :param spec: the optimizer spec (:mod:`xdl.optim`).
-    :param values: float32 ``[rows_cap, dim]`` arena, updated in place.
-    :param slots: slot name → float32 ``[rows_cap, width]`` arena, updated in place.
+    :param values: float32 ``[rows_cap, dim]`` C-contiguous arena, updated in place.
+    :param slots: slot name → float32 ``[rows_cap, width]`` C-contiguous arena, updated
+        in place.
     :param rows: unique int64 row numbers ``[n]``.
     :param grads: float32 ``[n, dim]``.
     :param step: the caller's update counter after this update (1 for the first). The
@@ -170,21 +268,25 @@ def apply(spec: Optimizer, values: np.ndarray, slots: dict[str, np.ndarray], row
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     grads = np.ascontiguousarray(grads, dtype=np.float32)
     if isinstance(spec, SGD):
-        _sgd(values, rows, grads, spec.lr)
+        _sgd(values, rows, grads, _F32(-spec.lr))
     elif isinstance(spec, Momentum):
-        _momentum(values, slots["velocity"], rows, grads, spec.lr, spec.momentum,
-                  spec.nesterov, spec.variant == "tf")
+        _momentum(values, slots["velocity"], rows, grads, _F32(spec.lr), _F32(-spec.lr),
+                  _F32(spec.momentum), spec.nesterov, spec.variant == "tf")
     elif isinstance(spec, Adagrad):
-        _adagrad(values, slots["accum"], rows, grads, spec.lr, spec.eps, spec.eps_inside_sqrt)
+        _adagrad(values, slots["accum"], rows, grads, _F32(-spec.lr), _F32(spec.eps),
+                 spec.eps_inside_sqrt)
     elif isinstance(spec, Adam):
-        _adam(values, slots["m"], slots["v"], slots["t"], rows, grads, spec.lr, spec.beta1,
-              spec.beta2, spec.eps, spec.eps_hat)
+        _adam(values, slots["m"], slots["v"], slots["t"], rows, grads, float(spec.lr),
+              float(spec.beta1), float(spec.beta2), _F32(spec.eps), spec.eps_hat)
     elif isinstance(spec, RMSProp):
+        c = _F32(1.0 - spec.rho)
         _rmsprop(values, slots["ms"], slots.get("mom", _NONE), slots.get("mg", _NONE), rows,
-                 grads, spec.lr, spec.rho, spec.eps, spec.momentum, spec.centered,
+                 grads, _F32(-spec.lr), _F32(spec.rho), c, c - _ONE, _F32(spec.eps),
+                 _F32(spec.momentum), spec.momentum > 0.0, spec.centered,
                  spec.eps_inside_sqrt)
     elif isinstance(spec, FTRL):
-        _ftrl(values, slots["accum"], slots["linear"], rows, grads, spec.lr, spec.lr_power,
-              spec.l1, spec.l2 + spec.beta / (2.0 * spec.lr), spec.l2_shrinkage)
+        _ftrl(values, slots["accum"], slots["linear"], rows, grads, _F32(spec.lr),
+              _F32(spec.lr_power), _F32(spec.l1), _F32(spec.l2 + spec.beta / (2.0 * spec.lr)),
+              _F32(spec.l2_shrinkage), spec.lr_power == -0.5)
     else:
         raise InvalidArgumentError(f"no update kernel for optimizer {spec!r}")

@@ -41,7 +41,7 @@ from xdl.errors import (
     UnknownCommandError,
     XdlError,
 )
-from xdl.sharding import bucket_of, bucket_ranges
+from xdl.sharding import bucket_ranges, first_outside
 
 from . import checkpoint
 from .stats import CommandStats, resident_bytes
@@ -251,12 +251,11 @@ class Shard:
     def _check_owned(self, ids: np.ndarray, table: str) -> None:
         if self.num_shards == 1 or ids.size == 0:
             return
-        b = bucket_of(ids)
         lo, hi = self.bucket_range
-        bad = (b < lo) | (b >= hi)
-        if bad.any():
+        first, count = first_outside(ids, lo, hi)
+        if count:
             raise InvalidArgumentError(
-                f"{int(bad.sum())} ids belong to other shards (e.g. id {int(ids[bad][0])}); "
+                f"{count} ids belong to other shards (e.g. id {int(ids[first])}); "
                 f"shard {self.shard} of {self.num_shards} owns buckets [{lo}, {hi}): the "
                 "client's server list must be in shard order", table=table)
 
@@ -452,6 +451,7 @@ def warm_up() -> None:
         t.pull(keys)
     for init_spec in (xinit.Zeros(), xinit.Constant(1.0), xinit.Uniform(), xinit.Normal()):
         xinit.generate(init_spec, 0, np.arange(2, dtype=np.int64), 2)
+    first_outside(np.arange(2, dtype=np.int64), 0, 1)
 
 
 def serve(bind: str, shard: int = 0, num_shards: int = 1, *,

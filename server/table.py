@@ -22,7 +22,7 @@ from xdl import optim as xoptim
 from xdl.errors import InvalidArgumentError
 
 from . import optimizers
-from .kernels import HashIndex, RowPool, first_duplicate, gather_rows
+from .kernels import HashIndex, RowPool, all_finite, first_duplicate, gather_rows, touch_rows
 
 __all__ = ["SparseTable", "DenseVariable"]
 
@@ -53,7 +53,7 @@ def _check_float_array(arr: Any, field: str, shape: tuple[int, ...], table: str)
         raise InvalidArgumentError(
             f"{field}: expected float32 of shape {list(shape)}, got {a.dtype} of shape "
             f"{list(a.shape)}", table=table)
-    if not np.isfinite(a).all():
+    if not all_finite(a):
         raise InvalidArgumentError(f"{field}: holds NaN or Inf values; nothing applied",
                                    table=table)
     return np.ascontiguousarray(a)
@@ -149,8 +149,7 @@ class SparseTable:
         rows = self._resolve(k)
         self.step += 1
         optimizers.apply(self.optimizer, self.values, self.slots, rows, g, self.step)
-        self.freq[rows] += 1
-        self.last_step[rows] = self.step
+        touch_rows(self.freq, self.last_step, rows, self.step)
 
     def delete(self, keys: np.ndarray) -> int:
         """Remove the keys present (absent ones are ignored); their rows are recycled.

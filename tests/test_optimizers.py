@@ -261,8 +261,13 @@ def test_torch_presets_match_torch_optim(spec: optim.Optimizer, name: str,
         param.grad = torch.from_numpy(g.copy())
         topt.step()
         optimizers.apply(spec, w32, slots, np.arange(R), g, step)
-        np.testing.assert_allclose(w32, param.detach().numpy(), rtol=0, atol=1e-6,
-                                   err_msg=f"step {step}")
+        if isinstance(spec, (optim.SGD, optim.Momentum)):
+            # float32 in torch's operation order, FMAs where torch's kernels fuse: exact
+            np.testing.assert_array_equal(w32, param.detach().numpy(), err_msg=f"step {step}")
+        else:
+            # exact but for torch's CPU sqrt, which is not always correctly rounded (1 ulp)
+            np.testing.assert_allclose(w32, param.detach().numpy(), rtol=0, atol=2e-7,
+                                       err_msg=f"step {step}")
     assert np.abs(w32 - w0).max() > 1e-3
 
 
