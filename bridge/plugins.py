@@ -339,8 +339,9 @@ def list_plugins() -> list[dict[str, Any]]:
 def format_plugins() -> str:
     """Text of ``xdl plugins``: one line per plugin (name, version, hooks), then backends."""
     rows = list_plugins()
-    width = max((len(r["name"]) for r in rows), default=4)
-    lines = [f"{r['name']:<{width}}  {r['version']:<8}  {', '.join(r['hooks'])}" for r in rows]
+    width = max([len(r["name"]) for r in rows] + [len("plugin")])
+    lines = [f"{'plugin':<{width}}  {'version':<8}  hooks"]
+    lines += [f"{r['name']:<{width}}  {r['version']:<8}  {', '.join(r['hooks'])}" for r in rows]
     state = get_plugin_state()
     lines.append("")
     lines.append("backends: " + ", ".join(
