@@ -94,30 +94,37 @@ class DIN(nn.Module):
         return torch.cat([self.item_emb(items), g], dim=-1)
 
     @staticmethod
-    def lookup_ids(item: torch.Tensor, item_genres: torch.Tensor, hist_items: torch.Tensor,
-                   hist_genres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target and history side by side: items ``[B, 1 + L]``, genres ``[B, 1 + L, G]``."""
+    def distinct_items(item: torch.Tensor, item_genres: torch.Tensor,
+                       hist_items: torch.Tensor, hist_genres: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's distinct items (target and history together) with their genres.
+
+        :returns: ``uniq [U]``, ``uniq_genres [U, G]`` and ``inverse [B, 1 + L]`` such
+            that ``uniq[inverse]`` is the target (slot 0) beside the history.
+        """
         items = torch.cat([item.unsqueeze(1), hist_items], dim=1)
         genres = torch.cat([item_genres.unsqueeze(1), hist_genres], dim=1)
-        return items, genres
-
-    def prefetch_ids(self, batch: Batch) -> list[tuple[nn.Module, torch.Tensor]]:
-        """``(embedding module, ids)`` pairs of a batch, for the adapter's ``prefetch``
-        (``ids_fn``): the ids each table will see, up to repeats."""
-        items, genres = self.lookup_ids(batch["item"], batch["item_genres"],
-                                        batch["hist_items"], batch["hist_genres"])
-        return [(self.item_emb, items), (self.genre_emb, genres), (self.user_emb, batch["user"])]
-
-    def forward(self, user: torch.Tensor, item: torch.Tensor, item_genres: torch.Tensor,
-                hist_items: torch.Tensor, hist_genres: torch.Tensor) -> torch.Tensor:
-        """Logits of the click (rating >= 4) probability, ``[B]``."""
-        items, genres = self.lookup_ids(item, item_genres, hist_items, hist_genres)
-        # each distinct item of the batch is embedded once (one lookup per table, few
-        # rows), then gathered back to the target slot 0 and the history slots
         uniq, inverse = torch.unique(items, return_inverse=True)
         width = genres.shape[-1]
         uniq_genres = genres.new_zeros((len(uniq), width)).index_copy_(
             0, inverse.reshape(-1), genres.reshape(-1, width))
+        return uniq, uniq_genres, inverse
+
+    def prefetch_ids(self, batch: Batch) -> list[tuple[nn.Module, torch.Tensor]]:
+        """``(embedding module, ids)`` pairs of a batch, for the adapter's ``prefetch``
+        (``ids_fn``): the ids each table will see in :meth:`forward`."""
+        uniq, uniq_genres, _ = self.distinct_items(
+            batch["item"], batch["item_genres"], batch["hist_items"], batch["hist_genres"])
+        return [(self.item_emb, uniq), (self.genre_emb, uniq_genres),
+                (self.user_emb, batch["user"])]
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor, item_genres: torch.Tensor,
+                hist_items: torch.Tensor, hist_genres: torch.Tensor) -> torch.Tensor:
+        """Logits of the click (rating >= 4) probability, ``[B]``."""
+        # each distinct item of the batch is embedded once (one lookup per table, few
+        # rows), then gathered back to the target slot 0 and the history slots
+        uniq, uniq_genres, inverse = self.distinct_items(item, item_genres, hist_items,
+                                                         hist_genres)
         both = self.embed_items(uniq, uniq_genres)[inverse]
         target, hist = both[:, 0], both[:, 1:]
         mask = (hist_items > 0).to(hist.dtype)
