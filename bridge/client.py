@@ -46,6 +46,7 @@ from .errors import (
     error_from_code,
 )
 from .sharding import (
+    all_finite,
     bucket_ranges,
     dense_shard,
     put_rows,
@@ -303,17 +304,24 @@ class Client:
             if not missing:
                 break
             shards = sorted({k for k, _ in missing})
-            for k in shards:
-                poller.register(self._conns[k].socket, zmq.POLLIN)
             oldest = min(self._conns[k].pending[s].sent_at for k, s in missing)
-            wait_ms = max(0.0, (oldest + self.timeout - time.monotonic()) * 1e3)
-            events = dict(poller.poll(int(wait_ms) + 1))
-            for k in shards:
-                conn = self._conns[k]
-                if conn.socket in events:
+            wait_ms = int(max(0.0, (oldest + self.timeout - time.monotonic()) * 1e3)) + 1
+            if len(shards) == 1:  # one socket: poll it directly, no Poller
+                conn = self._conns[shards[0]]
+                if conn.socket.poll(wait_ms, zmq.POLLIN):
+                    self._receive(conn)
                     while conn.socket.poll(0, zmq.POLLIN):
                         self._receive(conn)
-                poller.unregister(conn.socket)
+            else:
+                for k in shards:
+                    poller.register(self._conns[k].socket, zmq.POLLIN)
+                events = dict(poller.poll(wait_ms))
+                for k in shards:
+                    conn = self._conns[k]
+                    if conn.socket in events:
+                        while conn.socket.poll(0, zmq.POLLIN):
+                            self._receive(conn)
+                    poller.unregister(conn.socket)
             now = time.monotonic()
             for k in shards:
                 conn = self._conns[k]
@@ -489,7 +497,7 @@ class Client:
             raise InvalidArgumentError(
                 f"grads: expected shape {[flat.size, dim]} (len(ids), dim), got {list(g.shape)}",
                 table=table)
-        if not np.isfinite(g).all():
+        if not all_finite(g):
             raise InvalidArgumentError("grads hold NaN or Inf values; nothing was sent",
                                        table=table)
         if not unique:

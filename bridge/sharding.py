@@ -22,6 +22,7 @@ __all__ = [
     "split_by_shard",
     "take_rows",
     "put_rows",
+    "all_finite",
     "first_outside",
     "dense_shard",
 ]
@@ -97,6 +98,16 @@ def _put(out: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
         s = src[i]
         for j in range(dim):
             dst[j] = s[j]
+
+
+@njit(cache=True)
+def _max_exponent(bits: np.ndarray) -> np.uint32:
+    # float32 bit patterns: NaN and Inf are the ones whose exponent field is all ones; an
+    # integer max-reduction vectorizes where a float test would not
+    m = np.uint32(0)
+    for i in range(bits.shape[0]):
+        m = max(m, bits[i] & np.uint32(0x7F800000))
+    return m
 
 
 @njit(cache=True)
@@ -181,6 +192,12 @@ def put_rows(out: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
     """``out[idx] = src`` in place for a C-contiguous 2-D ``out`` and valid int64 ``idx``."""
     _put(out, np.ascontiguousarray(idx, dtype=np.int64),
          np.ascontiguousarray(src, dtype=out.dtype))
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether every element of the float32 array ``a`` is finite (no NaN, no Inf)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).reshape(-1).view(np.uint32)
+    return bool(bits.size == 0 or _max_exponent(bits) != np.uint32(0x7F800000))
 
 
 def first_outside(ids: np.ndarray, lo: int, hi: int) -> tuple[int, int]:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
+from xdl.sharding import all_finite
+
 EMPTY = np.uint8(0)
 FULL = np.uint8(1)
 TOMB = np.uint8(2)
@@ -215,27 +217,11 @@ def _scatter(values: np.ndarray, rows: np.ndarray, src: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def _max_exponent(bits: np.ndarray) -> np.uint32:
-    # float32 bit patterns: NaN and Inf are the ones whose exponent field is all ones; an
-    # integer max-reduction vectorizes where a float test would not
-    m = np.uint32(0)
-    for i in range(bits.shape[0]):
-        m = max(m, bits[i] & np.uint32(0x7F800000))
-    return m
-
-
-@njit(cache=True)
 def _touch(freq: np.ndarray, last_step: np.ndarray, rows: np.ndarray, step: int) -> None:
     for i in range(rows.shape[0]):
         r = rows[i]
         freq[r] += 1
         last_step[r] = step
-
-
-def all_finite(a: np.ndarray) -> bool:
-    """Whether every element of the float32 array ``a`` is finite (no NaN, no Inf)."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).reshape(-1).view(np.uint32)
-    return bool(bits.size == 0 or _max_exponent(bits) != np.uint32(0x7F800000))
 
 
 def touch_rows(freq: np.ndarray, last_step: np.ndarray, rows: np.ndarray, step: int) -> None:

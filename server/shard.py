@@ -168,7 +168,10 @@ class Shard:
             respond(self._error_reply(command, seq, exc))
         finally:
             name = command.decode("ascii", "replace")[:32] if command in P.COMMANDS else "?"
-            self.stats.setdefault(name, CommandStats()).record(time.perf_counter() - t0, ok)
+            st = self.stats.get(name)
+            if st is None:
+                st = self.stats[name] = CommandStats()
+            st.record(time.perf_counter() - t0, ok)
 
     def _run(self, command: bytes, header: dict[str, Any], arrays: dict[str, np.ndarray],
              seq: int) -> tuple[list[Any], bool]:

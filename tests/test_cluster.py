@@ -267,3 +267,25 @@ def test_close_releases_every_socket(start_cluster: Callable[..., Client]) -> No
     assert all(s.closed for s in socks) and client._ctx.closed
     with pytest.raises(xdl.errors.XdlError, match="closed"):
         client.pull("t", [1])
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_push_does_not_share_the_callers_arrays(start_cluster: Callable[..., Client],
+                                                 n: int) -> None:
+    # pushes are asynchronous and kept for resends: changing the arrays after push()
+    # returns must not change what the shards apply
+    client = start_cluster(n)
+    opt = xdl.optim.Adagrad(lr=0.1)
+    client.create_table("emb", 4, optimizer=opt, seed=11)
+    ref = reference(4, opt, xdl.init.Zeros())
+    rng = np.random.default_rng(4)
+    ids = rng.permutation(1000)[:200].astype(np.int64)
+    grads = rng.standard_normal((200, 4)).astype(np.float32)
+    want_ids, want_grads = ids.copy(), grads.copy()
+    ticket = client.push("emb", ids, grads, unique=True)
+    ids[:] = 5000 + np.arange(200)
+    grads[:] = np.nan
+    client.wait(ticket)
+    ref.push(want_ids, want_grads)
+    np.testing.assert_array_equal(client.pull("emb", want_ids), ref.pull(want_ids))
+    assert client.describe_table("emb")["rows"] == 200

@@ -206,3 +206,59 @@ def test_gather_scatter(width: int) -> None:
     ref[rows] = src
     scatter_rows(values, rows, src)
     np.testing.assert_array_equal(values, ref)
+
+
+def test_all_finite_and_touch_rows() -> None:
+    from xdl.server.kernels import all_finite, touch_rows
+
+    a = np.ones((7, 3), dtype=np.float32)
+    assert all_finite(a) and all_finite(a[:, 1]) and all_finite(np.zeros((0, 4), np.float32))
+    a[0, 0] = np.float32(3.4e38)  # largest finite values are finite
+    assert all_finite(a)
+    for bad in (np.inf, -np.inf, np.nan):
+        b = a.copy()
+        b[6, 2] = bad
+        assert not all_finite(b)
+    freq = np.zeros(6, dtype=np.int64)
+    last = np.zeros(6, dtype=np.int64)
+    touch_rows(freq, last, np.array([4, 1]), 3)
+    touch_rows(freq, last, np.array([1]), 5)
+    assert freq.tolist() == [0, 2, 0, 0, 1, 0] and last.tolist() == [0, 5, 0, 0, 3, 0]
+
+
+def test_sharding_kernels_match_numpy() -> None:
+    from xdl import sharding
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 20000, dtype=np.int64)
+    ids[:3] = [0, -1, np.iinfo(np.int64).min]
+    z = ids.view(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    np.testing.assert_array_equal(mix64(ids), z)
+    buckets = (z >> np.uint64(48)).astype(np.int64)
+    np.testing.assert_array_equal(sharding.bucket_of(ids), buckets)
+    assert sharding.bucket_of(ids.reshape(100, 200)).shape == (100, 200)
+    for n in (1, 2, 3, 7):
+        route = sharding.shard_of_bucket(n)
+        shards = route[buckets]
+        np.testing.assert_array_equal(sharding.shard_of(ids, n), shards)
+        order, sorted_ids, counts = sharding.split_by_shard(ids, route, n)
+        np.testing.assert_array_equal(order, np.argsort(shards, kind="stable"))
+        np.testing.assert_array_equal(sorted_ids, ids[order])
+        np.testing.assert_array_equal(counts, np.bincount(shards, minlength=n))
+        lo, hi = sharding.bucket_ranges(n)[0]
+        outside = (buckets < lo) | (buckets >= hi)
+        first, count = sharding.first_outside(ids, lo, hi)
+        assert count == int(outside.sum())
+        assert first == (int(np.argmax(outside)) if count else -1)
+    a = rng.random((50, 5), dtype=np.float32)
+    idx = rng.permutation(50)[:20]
+    np.testing.assert_array_equal(sharding.take_rows(a, idx), a[idx])
+    out = np.zeros_like(a)
+    sharding.put_rows(out, idx, a[:20])
+    expect = np.zeros_like(a)
+    expect[idx] = a[:20]
+    np.testing.assert_array_equal(out, expect)
