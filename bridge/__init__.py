@@ -27,6 +27,9 @@ _EXPORTS = {
     "DistributedEmbedding": "xdl.adapters.torch_nn",
     "DistributedEmbeddingBag": "xdl.adapters.torch_nn",
     "ServerDenseOptimizer": "xdl.adapters.torch_nn",
+    "prefetch": "xdl.adapters.torch_nn",
+    "Lookup": "xdl.adapters.torch_nn",
+    "load_plugin": "xdl.plugins",
 }
 _SUBMODULES = {"init", "optim", "errors", "protocol", "codec", "sharding", "datasets", "metrics"}
 
