@@ -58,8 +58,8 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
 def main(argv: list[str] | None = None) -> int:
     """Measure and print samples/s of both, and their ratio."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--batches", type=int, default=60, help="steps per round")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--batches", type=int, default=40, help="steps per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
