@@ -21,7 +21,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, PluginError
+from .hookspecs import hookimpl
 
 __all__ = [
     "Optimizer",
@@ -92,6 +93,24 @@ class Optimizer:
     def slot_initial(self, name: str) -> float:
         """Value a new row's slot ``name`` starts at."""
         return 0.0
+
+    def update(self, values: Any, slots: dict[str, Any], rows: Any, grads: Any,
+               step: int) -> None:
+        """Apply one sparse update in place (optimizers added by plugins implement this).
+
+        The built-in optimizers run fused numba kernels instead (see
+        :func:`xdl.server.optimizers.apply`). An implementation must be vectorized over
+        ``rows`` (numpy or numba, no Python loop over ids).
+
+        :param values: float32 ``[rows_cap, dim]`` arena; rows ``rows`` are updated.
+        :param slots: slot name → float32 ``[rows_cap, slot_width]`` arena.
+        :param rows: unique int64 row numbers ``[n]``.
+        :param grads: float32 ``[n, dim]``, finite.
+        :param step: the table's push counter after this update (1 for the first).
+        """
+        raise NotImplementedError(
+            f"optimizer {type(self).__name__} (kind {self.kind!r}) does not implement "
+            "update(values, slots, rows, grads, step)")
 
     @classmethod
     def torch(cls: type[_O], lr: float | None = None, **kwargs: Any) -> _O:
@@ -376,17 +395,36 @@ _KINDS: dict[str, type[Optimizer]] = {
 }
 
 
+def _lookup_kind(kind: str) -> type[Optimizer]:
+    cls = _KINDS.get(kind)
+    if cls is not None:
+        return cls
+    from .plugins import get_plugin_state
+
+    registry = get_plugin_state().optimizers
+    try:
+        found = registry.get(kind)
+    except PluginError:
+        raise InvalidArgumentError(
+            f"unknown optimizer kind {kind!r}; known: {registry.names()} (plugins add "
+            "more through the xdl_register_optimizers hook)") from None
+    if not (isinstance(found, type) and issubclass(found, Optimizer)):
+        raise InvalidArgumentError(f"optimizer {kind!r} was registered as {found!r}, which is "
+                                   "not a subclass of xdl.optim.Optimizer")
+    return found
+
+
 def from_dict(d: dict[str, Any]) -> Optimizer:
     """Rebuild an optimizer spec from :meth:`Optimizer.to_dict`'s output.
+
+    Kinds other than the built-ins are looked up among the optimizers registered by
+    plugins (hook ``xdl_register_optimizers``).
 
     :raises InvalidArgumentError: unknown ``kind``, unknown field or a bad value.
     """
     if not isinstance(d, dict) or "kind" not in d:
         raise InvalidArgumentError(f"an optimizer dict needs a 'kind' key, got {d!r}")
-    cls = _KINDS.get(d["kind"])
-    if cls is None:
-        raise InvalidArgumentError(
-            f"unknown optimizer kind {d['kind']!r}; known: {sorted(_KINDS)}")
+    cls = _lookup_kind(str(d["kind"]))
     args = {k: v for k, v in d.items() if k != "kind"}
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(args) - known)
@@ -397,3 +435,10 @@ def from_dict(d: dict[str, Any]) -> Optimizer:
         return cls(**args)
     except TypeError as e:  # a required field is missing
         raise InvalidArgumentError(f"optimizer {d['kind']!r}: {e}") from None
+
+
+@hookimpl
+def xdl_register_optimizers(register: Any) -> None:
+    """Register the built-in optimizers under their kinds (``sgd``, ``adagrad``, ...)."""
+    for cls in _KINDS.values():
+        register.add(cls.kind, cls)

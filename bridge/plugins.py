@@ -29,6 +29,7 @@ from .errors import PluginError
 
 #: Built-in plugins, registered after the entry-point plugins, under these names.
 BUILTIN_PLUGINS: tuple[str, ...] = (
+    "xdl.optim",
     "xdl.backends.numpy_backend",
     "xdl.backends.torch_backend",
     "xdl.adapters.torch_nn",

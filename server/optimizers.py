@@ -264,7 +264,6 @@ def apply(spec: Optimizer, values: np.ndarray, slots: dict[str, np.ndarray], row
         built-in optimizers keep their own per-row counts (Adam's ``t``) and do not
         read it; it is passed for schedules.
     """
-    del step
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     grads = np.ascontiguousarray(grads, dtype=np.float32)
     if isinstance(spec, SGD):
@@ -288,5 +287,8 @@ def apply(spec: Optimizer, values: np.ndarray, slots: dict[str, np.ndarray], row
         _ftrl(values, slots["accum"], slots["linear"], rows, grads, _F32(spec.lr),
               _F32(spec.lr_power), _F32(spec.l1), _F32(spec.l2 + spec.beta / (2.0 * spec.lr)),
               _F32(spec.l2_shrinkage), spec.lr_power == -0.5)
-    else:
-        raise InvalidArgumentError(f"no update kernel for optimizer {spec!r}")
+    else:  # an optimizer added by a plugin
+        try:
+            spec.update(values, slots, rows, grads, step)
+        except NotImplementedError as exc:
+            raise InvalidArgumentError(str(exc)) from None

@@ -113,7 +113,7 @@ def test_the_expected_hooks_exist() -> None:
 
 def test_builtins_load_as_plugins() -> None:
     names = [p["name"] for p in plugins.list_plugins()]
-    assert names[-3:] == list(plugins.BUILTIN_PLUGINS)
+    assert names[-len(plugins.BUILTIN_PLUGINS):] == list(plugins.BUILTIN_PLUGINS)
     state = plugins.get_plugin_state()
     assert {"numpy", "torch"} <= set(state.backends.names())
     assert state.adapters.get("torch_nn").swap is xdl.swap
@@ -121,6 +121,7 @@ def test_builtins_load_as_plugins() -> None:
     assert info["xdl.backends.torch_backend"]["hooks"] == [
         "xdl_detect_backend", "xdl_register_backends"]
     assert info["xdl.adapters.torch_nn"]["version"] == xdl.__version__
+    assert info["xdl.optim"]["hooks"] == ["xdl_register_optimizers"]
 
 
 def test_get_backend_by_name_and_by_object() -> None:
@@ -163,7 +164,7 @@ def test_disable_autoload_skips_entry_points(fancy_dist: Path,
 def test_blocked_plugins(fancy_dist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDL_BLOCKED_PLUGINS", "fancy, xdl.backends.torch_backend")
     names = [p["name"] for p in plugins.list_plugins()]
-    assert names == ["xdl.backends.numpy_backend", "xdl.adapters.torch_nn"]
+    assert names == ["xdl.optim", "xdl.backends.numpy_backend", "xdl.adapters.torch_nn"]
     assert plugins.get_plugin_state().backends.names() == ["numpy"]
 
 
