@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train through the server and locally, print both and return 1 if the test AUCs
     differ by more than :data:`AUC_TOLERANCE`."""
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch Adagrad
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     t0 = time.perf_counter()
     try:
