@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     local_opt = torch.optim.Adagrad(local.parameters(), lr=din.LR)
     prefetch = din.find_prefetch()
     client = xdl.connect(local_shards=args.shards)
+    server: nn.Module | None = None
     try:
         server = xdl.swap(din.build_model(data), client,
                           optimizer=xdl.optim.Adagrad.torch(lr=din.LR), initializer=din.INIT,
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             server_s.append(run_steps(server, server_opt, chunk, prefetch))
             local_s.append(run_steps(local, local_opt, chunk))
     finally:
+        if server is not None:
+            din.close_distributed(server)
         client.close()
 
     samples = args.batches * args.batch_size

@@ -286,10 +286,12 @@ def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: i
     (``xdl.swap`` with server-side Adagrad), dense weights with ``torch.optim.Adagrad``."""
     model = build_model(data, sparse=False)
     client = xdl.connect(local_shards=shards)
+    model_ref: nn.Module | None = None
     try:
         model = xdl.swap(model, client, optimizer=xdl.optim.Adagrad.torch(lr=lr),
                          initializer=INIT,
                          per_table={k: {"seed": s} for k, s in TABLE_SEEDS.items()})
+        model_ref = model
         opt = torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=lr)
         prefetch = find_prefetch() if use_prefetch else None
         seconds = train_loop(model, opt, data, epochs, batch_size, f"server x{shards}",
@@ -297,8 +299,19 @@ def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: i
         result = Result(f"server x{shards}", evaluate(model, data.test), seconds,
                         epochs * len(data.train["label"]))
     finally:
+        if model_ref is not None:
+            close_distributed(model_ref)
         client.close()
     return result
+
+
+def close_distributed(model: nn.Module) -> None:
+    """Wait for the pushes of the model's distributed embedding modules and stop their
+    prefetch threads (ordinary modules are left alone)."""
+    for module in model.modules():
+        close = getattr(module, "close", None)
+        if callable(close) and hasattr(module, "wait_pushes"):
+            close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
