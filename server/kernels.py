@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from xdl.sharding import all_finite
+from xdl.sharding import all_finite, put_rows, take_rows
 
 EMPTY = np.uint8(0)
 FULL = np.uint8(1)
@@ -197,26 +197,6 @@ def _first_duplicate(keys: np.ndarray) -> int:
 
 
 @njit(cache=True)
-def _gather(values: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-    dim = values.shape[1]
-    for i in range(rows.shape[0]):
-        src = values[rows[i]]
-        dst = out[i]
-        for j in range(dim):
-            dst[j] = src[j]
-
-
-@njit(cache=True)
-def _scatter(values: np.ndarray, rows: np.ndarray, src: np.ndarray) -> None:
-    dim = values.shape[1]
-    for i in range(rows.shape[0]):
-        dst = values[rows[i]]
-        s = src[i]
-        for j in range(dim):
-            dst[j] = s[j]
-
-
-@njit(cache=True)
 def _touch(freq: np.ndarray, last_step: np.ndarray, rows: np.ndarray, step: int) -> None:
     for i in range(rows.shape[0]):
         r = rows[i]
@@ -236,15 +216,12 @@ def first_duplicate(keys: np.ndarray) -> int:
 
 def gather_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``values[rows]`` as a new contiguous array (rows must be valid)."""
-    out = np.empty((rows.shape[0],) + values.shape[1:], dtype=values.dtype)
-    _gather(values, np.ascontiguousarray(rows, dtype=np.int64), out)
-    return out
+    return take_rows(values, rows)
 
 
 def scatter_rows(values: np.ndarray, rows: np.ndarray, src: np.ndarray) -> None:
     """``values[rows] = src`` in place (the last write wins for repeated rows)."""
-    _scatter(values, np.ascontiguousarray(rows, dtype=np.int64),
-             np.ascontiguousarray(src, dtype=values.dtype))
+    put_rows(values, rows, src)
 
 
 class RowPool:
