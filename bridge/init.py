@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 
 from .errors import InvalidArgumentError
+from .specs import build
 
 __all__ = [
     "Initializer",
@@ -147,16 +148,7 @@ def from_dict(d: dict[str, Any]) -> Initializer:
     if cls is None:
         raise InvalidArgumentError(
             f"unknown initializer kind {d['kind']!r}; known: {sorted(_KINDS)}")
-    args = {k: v for k, v in d.items() if k != "kind"}
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise InvalidArgumentError(
-            f"initializer {d['kind']!r} has no field(s) {unknown}; fields: {sorted(known)}")
-    try:
-        return cls(**args)
-    except TypeError as e:  # a required field is missing
-        raise InvalidArgumentError(f"initializer {d['kind']!r}: {e}") from None
+    return build("initializer", cls, d)
 
 
 # --- the generator kernel ---------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .errors import InvalidArgumentError, PluginError
 from .hookspecs import hookimpl
+from .specs import build
 
 __all__ = [
     "Optimizer",
@@ -425,16 +426,7 @@ def from_dict(d: dict[str, Any]) -> Optimizer:
     if not isinstance(d, dict) or "kind" not in d:
         raise InvalidArgumentError(f"an optimizer dict needs a 'kind' key, got {d!r}")
     cls = _lookup_kind(str(d["kind"]))
-    args = {k: v for k, v in d.items() if k != "kind"}
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise InvalidArgumentError(
-            f"optimizer {d['kind']!r} has no field(s) {unknown}; fields: {sorted(known)}")
-    try:
-        return cls(**args)
-    except TypeError as e:  # a required field is missing
-        raise InvalidArgumentError(f"optimizer {d['kind']!r}: {e}") from None
+    return build("optimizer", cls, d)
 
 
 @hookimpl
