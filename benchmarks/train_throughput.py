@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     local = din.build_model(data, sparse=True)
     local_opt = torch.optim.Adagrad(local.parameters(), lr=din.LR)
-    prefetch = din.find_prefetch()
+    prefetch = din.torch_nn.prefetch
     client = xdl.connect(local_shards=args.shards)
     server: nn.Module | None = None
     try:

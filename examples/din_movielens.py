@@ -30,6 +30,7 @@ from torch import nn
 
 import xdl
 from xdl import datasets, metrics
+from xdl.adapters import torch_nn
 
 EMB_DIM = 16
 INIT = xdl.init.TruncatedNormal(stddev=0.05)
@@ -270,15 +271,6 @@ def train_local(data: datasets.DinData, epochs: int, batch_size: int, lr: float 
                   epochs * len(data.train["label"]))
 
 
-def find_prefetch() -> Callable[..., Any] | None:
-    """The adapter's prefetch helper, if this checkout has one."""
-    try:
-        from xdl.adapters import torch_nn
-    except ImportError:
-        return None
-    return getattr(torch_nn, "prefetch", None)
-
-
 def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: int = 2,
                  lr: float = LR, progress: bool = True, use_prefetch: bool = True
                  ) -> Result:
@@ -293,7 +285,7 @@ def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: i
                          per_table={k: {"seed": s} for k, s in TABLE_SEEDS.items()})
         model_ref = model
         opt = torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=lr)
-        prefetch = find_prefetch() if use_prefetch else None
+        prefetch = torch_nn.prefetch if use_prefetch else None
         seconds = train_loop(model, opt, data, epochs, batch_size, f"server x{shards}",
                              progress, prefetch)
         result = Result(f"server x{shards}", evaluate(model, data.test), seconds,
