@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     l_rate = samples / statistics.median(local_s)
     ratio = s_rate / l_rate
     print(f"DIN MovieLens-100k, batch {args.batch_size}, {args.rounds} rounds x "
-          f"{args.batches} steps, {args.threads} torch threads, prefetch "
-          f"{'on' if prefetch is not None else 'unavailable'}")
+          f"{args.batches} steps, {args.threads} torch threads, prefetch on")
     print(f"  server ({args.shards} shards): {s_rate:10,.0f} samples/s  "
           f"(rounds: {', '.join(f'{samples / s:,.0f}' for s in server_s)})")
     print(f"  local (sparse Adagrad):  {l_rate:10,.0f} samples/s  "
