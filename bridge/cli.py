@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xdl.errors import XdlError
 
     try:
-        with connect(args.servers, timeout=10.0, retries=1) as client:
+        timeout = float(os.environ.get("XDL_TIMEOUT", "10"))
+        with connect(args.servers, timeout=timeout, retries=1) as client:
             if args.command == "ping":
                 for h in client.ping():
                     print(f"shard {h['shard']}/{h['num_shards']} pid {h['pid']} ok")
