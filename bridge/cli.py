@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--servers", default=os.environ.get("XDL_SERVERS"),
                        help="comma-separated endpoints in shard order (XDL_SERVERS)")
         c.add_argument("dir")
+        if name == "save":
+            c.add_argument("--keep", type=int, default=None,
+                           help="delete all but the KEEP newest checkpoints afterwards")
     sub.add_parser("plugins", help="list plugins with their versions and hooks")
     sub.add_parser("version", help="print the version")
     return p
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.command == "stats":
                 print(json.dumps(client.stats(), indent=1, sort_keys=True))
             elif args.command == "save":
-                print(client.save(args.dir))
+                print(client.save(args.dir, keep=args.keep))
             elif args.command == "load":
                 print(json.dumps(client.load(args.dir)))
             elif args.command == "shutdown":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 _CKPT = re.compile(r"^ckpt-(\d+)$")
+log = logging.getLogger("xdl.server")
 
 
 def _sha256(path: str) -> str:
@@ -110,6 +112,7 @@ def save_shard(shard: Shard, path: str) -> dict[str, dict[str, Any]]:
             "format": FORMAT_VERSION, "spec": table.spec_dict(), "step": table.step,
             "range": [lo, hi], "rows": len(table), "fields": fields})
         written.append(rel)
+        log.info("checkpoint %s: table %s, %d rows written", path, name, len(table))
     for name, var in shard.dense.items():
         ddir = os.path.join(path, "dense")
         os.makedirs(ddir, exist_ok=True)
@@ -206,6 +209,7 @@ def load_shard(shard: Shard, path: str) -> tuple[
             table.import_rows(rows)
         if table is not None:
             tables[name] = table
+            log.info("checkpoint %s: table %s, %d rows read", path, name, len(table))
     dense: dict[str, DenseVariable] = {}
     for name in v.manifest.get("dense", []):
         if dense_shard(name, shard.num_shards) != shard.shard:
