@@ -165,7 +165,7 @@ def test_lost_push_reply_is_retried_and_applied_once(start_cluster: Callable[...
 
     proxy = LossyProxy(zmq_ctx, direct.servers[0], drop_two_push_replies)
     try:
-        client = Client([proxy.endpoint], timeout=0.5, retries=3)
+        client = Client([proxy.endpoint], timeout=1.0, retries=6)
         try:
             client.wait(client.push("t", [5], np.ones((1, 2), np.float32)))
             np.testing.assert_allclose(client.pull("t", [5]), -1.0)  # applied once, not 3x
@@ -175,7 +175,9 @@ def test_lost_push_reply_is_retried_and_applied_once(start_cluster: Callable[...
     finally:
         proxy.close()
     stats = direct.stats()[0]
-    assert stats["requests"]["PUSH"]["count"] == 3  # 1 applied + 2 replayed duplicates
+    # 1 applied + at least 2 duplicates answered from the stored reply (more if a slow
+    # machine made the client time out once more)
+    assert stats["requests"]["PUSH"]["count"] >= 3
 
 
 def test_dead_shard_gives_an_error_naming_the_endpoint(start_cluster: Callable[..., Client]
