@@ -26,6 +26,28 @@ from xdl.errors import InvalidArgumentError, XdlError
 #: ``hash`` ids are raw int64 feature hashes.
 MODES = ("index", "hash")
 _MAX_PREFETCH = 8  # prefetched lookups kept unconsumed at most (oldest dropped)
+#: a prefetch's state: (push mark the rows are exact at, rows, positions not yet pulled)
+_Rows = tuple[int | None, np.ndarray, np.ndarray | None]
+
+
+def _member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Bool mask: which of ``ids`` are in ``sorted_ids`` (sorted; one searchsorted)."""
+    if not sorted_ids.size or not ids.size:
+        return np.zeros(ids.shape, dtype=bool)
+    pos = np.searchsorted(sorted_ids, ids)
+    np.minimum(pos, sorted_ids.size - 1, out=pos)
+    return sorted_ids[pos] == ids
+
+
+class _Prefetched:
+    """One prefetched lookup: its unique ids and the future of ``(mark, rows)``."""
+
+    __slots__ = ("exact", "future", "unique")
+
+    def __init__(self, unique: np.ndarray, future: Future[_Rows], exact: bool) -> None:
+        self.unique = unique
+        self.future = future
+        self.exact = exact
 
 
 def _backend() -> Any:
@@ -54,7 +76,7 @@ class _RemoteRows:
         self.id_mode = id_mode
         self.sync_push = sync_push
         self._tracker = PushTracker()
-        self._prefetched: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
+        self._prefetched: deque[_Prefetched] = deque()
         self._prefetch_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -78,18 +100,31 @@ class _RemoteRows:
 
     def _on_push(self, ticket: Any) -> None:
         self._tracker.add(self.table, ticket)
+        self._refresh_prefetched()
 
     # -- prefetch ------------------------------------------------------------------------
 
-    def prefetch(self, ids: Any) -> None:
+    def prefetch(self, ids: Any, *, exact: bool = True) -> None:
         """Pull the rows of ``ids`` (a coming batch) in a background thread.
 
         The next forward whose unique ids equal these uses the prefetched rows instead
         of pulling (a module called several times per step takes one prefetch per
-        call). The background pull first waits for the pushes already issued, so
-        prefetched rows miss at most the pushes made after ``prefetch`` was called:
-        prefetching batch t+1 while batch t computes makes batch t+1 at most one step
-        stale.
+        call).
+
+        :param exact: (default) the rows are exactly what a pull in the forward would
+            give, so training with prefetch equals training without it. The pull
+            records the table's push mark (``client.push_mark``) and leaves out the ids
+            of this module's other pending prefetches (the batch computing now will
+            push them). Every later push of this module's table then pulls, in the
+            background right after the push is sent, the rows left out and the
+            prefetched rows that push touched (``client.pushed_since``); the forward
+            checks once more and pulls what is still missing or stale (everything when
+            the client's push log no longer reaches back). Requests to one shard are
+            applied in order, so a pull sent after a push sees it. With
+            ``exact=False`` every row is pulled at once and never again: the
+            background pull waits for the pushes already issued, so prefetched rows
+            miss at most the pushes made after ``prefetch`` was called (prefetching
+            batch t+1 while batch t computes makes batch t+1 at most one step stale).
         """
         flat = as_ids(ids).reshape(-1)
         self._check_ids(flat)
@@ -98,27 +133,81 @@ class _RemoteRows:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix=f"xdl-prefetch-{self.table}")
-            future = self._executor.submit(self._pull_after_pushes, unique)
-            self._prefetched.append((unique, future))
+            pending = [e.unique for e in self._prefetched] if exact else []
+            future = self._executor.submit(self._pull_after_pushes, unique, exact, pending)
+            self._prefetched.append(_Prefetched(unique, future, exact))
             while len(self._prefetched) > _MAX_PREFETCH:
                 self._prefetched.popleft()
 
-    def _pull_after_pushes(self, unique: np.ndarray) -> np.ndarray:
+    def _push_mark(self) -> int | None:
+        mark = getattr(self.client, "push_mark", None)
+        return None if mark is None else int(mark(self.table))
+
+    def _pull_after_pushes(self, unique: np.ndarray, exact: bool,
+                           pending: list[np.ndarray]) -> _Rows:
         self._tracker.wait(self.client, self.table)
-        return self.client.pull(self.table, unique)
+        if not exact:
+            return None, self.client.pull(self.table, unique), None
+        mark = self._push_mark()
+        if mark is not None and pending and unique.size:
+            # ids the pending lookups share will be pushed before this one is used:
+            # pull them after that push (in _patch), not twice
+            later = _member(unique, np.unique(np.concatenate(pending)))
+            if later.any():
+                rows = np.empty((unique.size, self.embedding_dim), dtype=np.float32)
+                now = np.flatnonzero(~later)
+                if now.size:
+                    rows[now] = self.client.pull(self.table, unique[now])
+                return mark, rows, np.flatnonzero(later)
+        return mark, self.client.pull(self.table, unique), None
+
+    def _refresh_prefetched(self) -> None:
+        """After a push of this table: pull, in the background, the rows of the exact
+        prefetches that the push touched or that were left out, so that the next
+        forward rarely waits."""
+        with self._prefetch_lock:
+            if self._executor is None:
+                return
+            for entry in self._prefetched:
+                if entry.exact:
+                    entry.future = self._executor.submit(self._refreshed, entry.unique,
+                                                         entry.future)
+
+    def _refreshed(self, unique: np.ndarray, previous: Future[_Rows]) -> _Rows:
+        return self._patch(unique, *previous.result())  # done: one thread, tasks in order
+
+    def _patch(self, unique: np.ndarray, mark: int | None, rows: np.ndarray,
+               missing: np.ndarray | None) -> _Rows:
+        """Pull the rows of ``unique`` pushed since ``mark`` and the ``missing`` ones
+        (row positions); returns the new mark, the rows, and None (nothing missing)."""
+        now = self._push_mark()  # pushes up to here are on the sockets before the pull
+        pushed_since = getattr(self.client, "pushed_since", None)
+        since = None if mark is None or pushed_since is None else pushed_since(self.table, mark)
+        if since is None:  # unknown: the client keeps no log, or it was truncated
+            return now, self.client.pull(self.table, unique), None
+        need = np.flatnonzero(_member(unique, since))
+        if missing is not None and missing.size:
+            need = np.union1d(need, missing)
+        if need.size:
+            if not rows.flags.writeable:
+                rows = rows.copy()
+            rows[need] = self.client.pull(self.table, unique[need])
+        return now, rows, None
 
     def _rows_for(self, unique: np.ndarray) -> np.ndarray | None:
         """Prefetched rows for ``unique``, else None after waiting for earlier pushes."""
+        entry = None
         with self._prefetch_lock:
-            for i, (ids, _) in enumerate(self._prefetched):
-                if np.array_equal(ids, unique):
-                    future = self._prefetched[i][1]
+            for i, candidate in enumerate(self._prefetched):
+                if np.array_equal(candidate.unique, unique):
+                    entry = candidate
                     del self._prefetched[i]
                     break
-            else:
-                future = None
-        if future is not None:
-            return future.result()
+        if entry is not None:
+            mark, rows, missing = entry.future.result()
+            if entry.exact:  # pushes since the last refresh (a shared table, a truncated log)
+                _, rows, _ = self._patch(unique, mark, rows, missing)
+            return rows
         if self.sync_push:
             self._tracker.wait(self.client, self.table)
         return None
@@ -162,7 +251,9 @@ class DistributedEmbedding(_RemoteRows, nn.Embedding):  # type: ignore[misc]
     ``max_norm`` and ``scale_grad_by_freq`` are not supported.
 
     :param sync_push: wait for this table's previous pushes before each pull, so that
-        training matches local training step for step (prefetched rows skip the wait).
+        training matches local training step for step (prefetched rows skip the wait;
+        exact prefetch, the default of :meth:`prefetch`, re-pulls the rows those pushes
+        touched instead).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, client: SparseClient,

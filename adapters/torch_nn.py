@@ -107,7 +107,8 @@ def swap(model: nn.Module, client: Any, *, optimizer: Any = None, initializer: A
     :param prefix: prefix of every table name.
     :param seed: table seed (client default when None).
     :param sync_push: wait for a table's pushes before its next pull (exact equivalence
-        with local training); prefetched batches skip the wait.
+        with local training); prefetched batches skip the wait (an exact prefetch, the
+        default, re-pulls the rows those pushes touched instead).
     """
     mods = _modules()
     from torch import nn
@@ -292,8 +293,9 @@ def prefetch_batches(batches: Iterable[T], schedule: Callable[[T], Any]) -> Iter
         for batch in prefetch_batches(loader, lambda b: model.item_emb.prefetch(b["item"])):
             loss = model(batch); loss.backward(); ...
 
-    The pull of batch t+1 then runs while batch t computes; it sees every push up to
-    batch t-1, and usually not batch t's (at most one step stale).
+    The pull of batch t+1 then runs while batch t computes. ``layer.prefetch`` is
+    exact by default (the rows batch t's push touched are re-pulled after it); pass
+    ``functools.partial(layer.prefetch, exact=False)`` for rows at most one step stale.
     """
     iterator = iter(batches)
     try:
@@ -326,7 +328,8 @@ def _leaf(batch: Any, path: tuple[Any, ...]) -> Any:
 
 
 def prefetch(model: nn.Module, batches: Iterable[T],
-             ids_fn: Callable[[T], Iterable[tuple[Any, Any]]] | None = None) -> Iterator[T]:
+             ids_fn: Callable[[T], Iterable[tuple[Any, Any]]] | None = None, *,
+             exact: bool = True) -> Iterator[T]:
     """Yield ``batches`` unchanged while the next batch's rows are pulled in background.
 
     A training loop wraps its batch iterator: ``for batch in prefetch(model, loader):``.
@@ -336,19 +339,25 @@ def prefetch(model: nn.Module, batches: Iterable[T],
     batch is not prefetched (it pulls as usual); ``ids_fn(batch)`` may instead return
     ``(module, ids)`` pairs explicitly.
 
-    Staleness: rows for batch t+1 are pulled while batch t computes, after the pushes
-    of batch t-1 were applied, and usually before batch t's: a prefetched step is at
-    most one step stale (ids not shared with the previous batch are exact). Without
-    prefetch, training matches local training step for step (``sync_push``).
+    Exactness: rows for batch t+1 are pulled while batch t computes, usually before
+    batch t's push. With ``exact=True`` (default) the rows batch t's push touched are
+    re-pulled right after that push, in the background (only the ids both batches
+    share; see :meth:`DistributedEmbedding.prefetch`), so training with prefetch
+    equals training without it, which matches local training step for step. With
+    ``exact=False`` nothing is re-pulled: a prefetched step is at most one step stale
+    for the ids it shares with the previous batch (others are exact), for a little
+    more speed.
     """
     mods = _modules()
     if ids_fn is not None:
         fn = ids_fn
-        return prefetch_batches(batches, lambda b: [m.prefetch(ids) for m, ids in fn(b)])
-    return _learned_prefetch(model, batches, mods)
+        return prefetch_batches(
+            batches, lambda b: [m.prefetch(ids, exact=exact) for m, ids in fn(b)])
+    return _learned_prefetch(model, batches, mods, exact)
 
 
-def _learned_prefetch(model: nn.Module, batches: Iterable[T], mods: Any) -> Iterator[T]:
+def _learned_prefetch(model: nn.Module, batches: Iterable[T], mods: Any,
+                      exact: bool) -> Iterator[T]:
     iterator = iter(batches)
     try:
         first = next(iterator)
@@ -368,7 +377,8 @@ def _learned_prefetch(model: nn.Module, batches: Iterable[T], mods: Any) -> Iter
                      for module, ids in seen if id(ids) in by_identity}
     routes = list(unique_routes.values())
     yield from prefetch_batches(
-        iterator, lambda b: [module.prefetch(_leaf(b, path)) for module, path in routes])
+        iterator,
+        lambda b: [module.prefetch(_leaf(b, path), exact=exact) for module, path in routes])
 
 
 @hookimpl

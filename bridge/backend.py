@@ -44,12 +44,30 @@ class SparseClient(Protocol):
         ...
 
 
+class PushLog(Protocol):
+    """Optional part of a client (``xdl.Client`` has it): which ids were pushed when.
+
+    Exact prefetch uses it to re-pull only the prefetched rows a later push touched; a
+    client without it gets every prefetched row pulled again before use.
+    """
+
+    def push_mark(self, table: str) -> int:
+        """Number of pushes to ``table`` issued so far (all already sent)."""
+        ...
+
+    def pushed_since(self, table: str, mark: int) -> np.ndarray | None:
+        """Sorted unique ids pushed to ``table`` after ``mark``; None if unknown."""
+        ...
+
+
 class PushTracker:
     """Outstanding push tickets per table, so a later pull can wait for them.
 
     Pushes are asynchronous. Waiting for a table's pushes before its next pull makes
-    training through the server step-for-step identical to local training; skipping the
-    wait (prefetching) lets the next pull overlap the push, one step stale.
+    training through the server step-for-step identical to local training. A prefetch
+    skips the wait and lets the next pull overlap the push; an exact prefetch then
+    re-pulls the rows the push touched (see :class:`PushLog`), a stale one is at most
+    one step behind.
     """
 
     def __init__(self) -> None:

@@ -13,7 +13,11 @@ once by the shard, so this is safe) and give up after a bounded number of retrie
 with a :class:`~xdl.errors.ServerUnavailableError` naming the endpoint.
 
 A client is thread-safe: socket use is serialized by one lock, so a prefetch thread
-may pull while the training thread pushes.
+may pull while the training thread pushes. Requests to one shard travel on one socket
+and are applied in order, so a pull sent after a push sees it. The client remembers
+the ids of the last :data:`PUSH_LOG_LENGTH` pushes per table (:meth:`Client.push_mark`,
+:meth:`Client.pushed_since`): exact prefetch re-pulls only the rows pushed after it
+pulled.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +64,8 @@ log = logging.getLogger("xdl.client")
 
 READY_PREFIX = "XDL-READY "
 MAX_INFLIGHT_PUSHES = 256
+#: pushes remembered per table by :meth:`Client.pushed_since`
+PUSH_LOG_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,9 @@ class Client:
         self._dims: dict[str, int] = {}
         self._failed: list[XdlError] = []
         self._dense_seen: dict[str, int] = {}
+        # per table: pushes issued so far, and the last PUSH_LOG_LENGTH (seq, unique ids)
+        self._push_count: dict[str, int] = {}
+        self._push_log: dict[str, deque[tuple[int, np.ndarray]]] = {}
         self._closed = False
         self._finalizer = weakref.finalize(self, Client._finalize, self._ctx, self._conns, local)
         self._check_cluster()
@@ -437,6 +447,7 @@ class Client:
         """Delete a table (or dense variable) and all its rows on every shard."""
         self._call_all(P.DROP_TABLE, {"table": name})
         self._dims.pop(name, None)
+        self._forget_pushes(name)
 
     def pull(self, table: str, ids: Any, *, unique: bool = False) -> np.ndarray:
         """Rows of ``ids`` as ``float32 [len(ids), dim]``; missing rows are created.
@@ -502,10 +513,14 @@ class Client:
                                        table=table)
         if not unique:
             uniq, inverse = np.unique(flat, return_inverse=True)
+            logged = uniq
             if uniq.size != flat.size:  # sum the gradients of repeated ids
                 summed = np.zeros((uniq.size, dim), dtype=np.float32)
                 np.add.at(summed, inverse, g)
                 flat, g, owned = uniq, summed, True
+        else:
+            logged = np.sort(flat)  # a sorted private copy for the push log
+        logged.flags.writeable = False
         if self.num_shards == 1:  # no routing, no permutation
             # The request is sent without copies, asynchronously, and kept for resends:
             # it must not share memory with arrays the caller may change after we return.
@@ -524,7 +539,56 @@ class Client:
                          for k, s, e in runs)
             for k, seq in sent:
                 self._conns[k].orphans.add(seq)
+            self._log_push(table, logged)
         return Ticket(sent)
+
+    def _forget_pushes(self, table: str | None = None) -> None:
+        # rows changed by other means (load, drop): every mark taken before is void
+        with self._lock:
+            for name in [table] if table is not None else list(self._push_count):
+                if name in self._push_count:
+                    self._push_count[name] += 1
+                    self._push_log[name].clear()
+
+    def _log_push(self, table: str, ids: np.ndarray) -> None:
+        # called under the lock, once the push is on the sockets
+        count = self._push_count.get(table, 0) + 1
+        self._push_count[table] = count
+        log_ = self._push_log.get(table)
+        if log_ is None:
+            log_ = self._push_log[table] = deque(maxlen=PUSH_LOG_LENGTH)
+        log_.append((count, ids))
+
+    def push_mark(self, table: str) -> int:
+        """Number of pushes to ``table`` this client has issued so far.
+
+        A push counted here is already on its way to the shards: a pull issued after
+        this call sees it (requests to one shard travel on one socket and are applied
+        in order). Pass the mark to :meth:`pushed_since` later to learn which ids were
+        pushed in between.
+        """
+        with self._lock:
+            return self._push_count.get(table, 0)
+
+    def pushed_since(self, table: str, mark: int) -> np.ndarray | None:
+        """Sorted unique ids pushed to ``table`` after :meth:`push_mark` returned ``mark``.
+
+        Returns an empty int64 array when nothing was pushed since, and None when more
+        than :data:`PUSH_LOG_LENGTH` pushes were made since ``mark`` (the log no longer
+        reaches back that far: treat every id as pushed). The array may be read-only.
+        Prefetch uses it to re-pull exactly the prefetched rows that went stale.
+        """
+        with self._lock:
+            count = self._push_count.get(table, 0)
+            if count <= mark:
+                return np.empty(0, dtype=np.int64)
+            log_ = self._push_log[table]
+            if not log_ or log_[0][0] > mark + 1:
+                return None
+            parts = [ids for seq, ids in log_ if seq > mark]
+        if len(parts) == 1:
+            return parts[0]  # sorted, unique and read-only (see push)
+        return np.unique(np.concatenate(parts))
 
     def _throttle(self) -> None:
         # Bound the memory held by unanswered pushes: wait for the oldest ones.
@@ -648,6 +712,7 @@ class Client:
         ckpt = checkpoint.resolve(os.path.abspath(path))
         replies = [h for h, _ in self._call_all(P.LOAD, {"dir": ckpt})]
         self._dims.clear()
+        self._forget_pushes()
         return {"path": ckpt, "rows": sum(int(h["rows"]) for h in replies),
                 "tables": replies[0]["tables"] if replies else []}
 

@@ -17,6 +17,7 @@ and cached; pass ``--cache-dir`` to choose where, or a folder already holding it
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 import warnings
@@ -272,10 +273,15 @@ def train_local(data: datasets.DinData, epochs: int, batch_size: int, lr: float 
 
 
 def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: int = 2,
-                 lr: float = LR, progress: bool = True, use_prefetch: bool = True
-                 ) -> Result:
+                 lr: float = LR, progress: bool = True, use_prefetch: bool = True,
+                 exact_prefetch: bool = True) -> Result:
     """Train DIN with its embedding tables on ``shards`` local server shards
-    (``xdl.swap`` with server-side Adagrad), dense weights with ``torch.optim.Adagrad``."""
+    (``xdl.swap`` with server-side Adagrad), dense weights with ``torch.optim.Adagrad``.
+
+    :param use_prefetch: pull the next batch's rows while the current batch computes.
+    :param exact_prefetch: re-pull the prefetched rows the current batch's push touched
+        (training then equals training without prefetch); False: one step stale.
+    """
     model = build_model(data, sparse=False)
     client = xdl.connect(local_shards=shards)
     model_ref: nn.Module | None = None
@@ -285,7 +291,8 @@ def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: i
                          per_table={k: {"seed": s} for k, s in TABLE_SEEDS.items()})
         model_ref = model
         opt = torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=lr)
-        prefetch = torch_nn.prefetch if use_prefetch else None
+        prefetch = (functools.partial(torch_nn.prefetch, exact=exact_prefetch)
+                    if use_prefetch else None)
         seconds = train_loop(model, opt, data, epochs, batch_size, f"server x{shards}",
                              progress, prefetch)
         result = Result(f"server x{shards}", evaluate(model, data.test), seconds,
@@ -321,8 +328,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-server", action="store_true", help="skip the server run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-prefetch", action="store_true",
-                   help="pull each batch's rows in its own forward (no one-step staleness: "
-                        "the server run then matches local training step for step)")
+                   help="pull each batch's rows in its own forward (default: prefetch "
+                        "the next batch's rows, exactly)")
+    p.add_argument("--stale-prefetch", action="store_true",
+                   help="prefetch without re-pulling the rows the previous batch's push "
+                        "touched (one step stale; the server run then drifts from local "
+                        "training)")
     return p.parse_args(argv)
 
 
@@ -351,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     server = local = None
     if not args.no_server:
         server = train_server(data, args.epochs, args.batch_size, args.shards, args.lr,
-                              progress, use_prefetch=not args.no_prefetch)
+                              progress, use_prefetch=not args.no_prefetch,
+                              exact_prefetch=not args.stale_prefetch)
         _report(server)
     if not args.no_local:
         local = train_local(data, args.epochs, args.batch_size, args.lr, progress)

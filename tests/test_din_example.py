@@ -1,6 +1,7 @@
 """The main example (examples/din_movielens.py, what `make demo` runs) on a small
-synthetic MovieLens-shaped data set: through 2 shards without prefetch it trains
-exactly what local training trains; with prefetch it trains and evaluates."""
+synthetic MovieLens-shaped data set: through 2 shards, without prefetch or with exact
+prefetch, it trains exactly what local training trains; with one-step-stale prefetch it
+trains and evaluates."""
 
 from __future__ import annotations
 
@@ -43,7 +44,17 @@ def test_server_training_equals_local_without_prefetch(din: ModuleType,
     assert server.metrics["logloss"] == pytest.approx(local.metrics["logloss"], abs=1e-4)
 
 
-def test_server_training_with_prefetch_runs(din: ModuleType, data: datasets.DinData) -> None:
-    result = din.train_server(data, 1, 64, shards=2, progress=False, use_prefetch=True)
+def test_server_training_equals_local_with_exact_prefetch(din: ModuleType,
+                                                         data: datasets.DinData) -> None:
+    server = din.train_server(data, 1, 64, shards=2, progress=False, use_prefetch=True)
+    local = din.train_local(data, 1, 64, progress=False)
+    assert server.metrics["auc"] == pytest.approx(local.metrics["auc"], abs=1e-4)
+    assert server.metrics["logloss"] == pytest.approx(local.metrics["logloss"], abs=1e-4)
+
+
+def test_server_training_with_stale_prefetch_runs(din: ModuleType,
+                                                  data: datasets.DinData) -> None:
+    result = din.train_server(data, 1, 64, shards=2, progress=False, use_prefetch=True,
+                              exact_prefetch=False)
     assert 0.0 <= result.metrics["auc"] <= 1.0 and math.isfinite(result.metrics["logloss"])
     assert result.samples == len(data.train["label"])

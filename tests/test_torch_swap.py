@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -201,18 +202,21 @@ def test_prefetch_uses_background_rows_and_stops_threads() -> None:
     assert len(pulls_seen) == 6
 
 
-def test_prefetched_rows_are_at_most_one_step_stale() -> None:
-    client = FakeClient()
+@pytest.mark.parametrize("exact", [False, True])
+def test_prefetched_rows_are_at_most_one_step_stale(exact: bool) -> None:
+    client = FakeClient()  # no push log: an exact prefetch pulls again before use
     emb = xdl.swap(nn.Embedding(10, 2), client, optimizer=xdl.optim.SGD(lr=1.0), prefix="s")
     ids = torch.tensor([1, 2])
     out = []
-    for b in torch_nn.prefetch_batches([ids] * 5, emb.prefetch):
+    for b in torch_nn.prefetch_batches([ids] * 5, functools.partial(emb.prefetch, exact=exact)):
         y = emb(b)
         out.append(float(y[0, 0].detach()))
         y.sum().backward()  # gradient 1 per row; SGD lr 1 → each row drops by 1 per step
     # batch t+1 is pulled while batch t computes: it sees batch t-1's push, maybe t's
     lag = [-out[t] - t for t in range(5)]  # rows start at 0 and drop by 1 per applied step
     assert all(lag_t in (0.0, -1.0) for lag_t in lag), out
+    if exact:
+        assert lag == [0.0] * 5, out
     emb.close()
     np.testing.assert_allclose(client.pull("s", [1, 2]), -5.0)
     assert prefetch_threads() == []
