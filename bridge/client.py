@@ -200,7 +200,7 @@ class Client:
         self._dense_seen: dict[str, int] = {}
         # per table: pushes issued so far, and the last PUSH_LOG_LENGTH (seq, unique ids)
         self._push_count: dict[str, int] = {}
-        self._push_log: dict[str, deque[tuple[int, np.ndarray]]] = {}
+        self._push_log: dict[str, deque[tuple[int, np.ndarray, bool]]] = {}
         self._closed = False
         self._finalizer = weakref.finalize(self, Client._finalize, self._ctx, self._conns, local)
         self._check_cluster()
@@ -511,6 +511,7 @@ class Client:
         if not all_finite(g):
             raise InvalidArgumentError("grads hold NaN or Inf values; nothing was sent",
                                        table=table)
+        logged: np.ndarray | None = None  # sorted unique ids for the push log, if at hand
         if not unique:
             uniq, inverse = np.unique(flat, return_inverse=True)
             logged = uniq
@@ -518,9 +519,6 @@ class Client:
                 summed = np.zeros((uniq.size, dim), dtype=np.float32)
                 np.add.at(summed, inverse, g)
                 flat, g, owned = uniq, summed, True
-        else:
-            logged = np.sort(flat)  # a sorted private copy for the push log
-        logged.flags.writeable = False
         if self.num_shards == 1:  # no routing, no permutation
             # The request is sent without copies, asynchronously, and kept for resends:
             # it must not share memory with arrays the caller may change after we return.
@@ -539,7 +537,9 @@ class Client:
                          for k, s, e in runs)
             for k, seq in sent:
                 self._conns[k].orphans.add(seq)
-            self._log_push(table, logged)
+            # unique=True: log the (private, unsorted) request ids; pushed_since sorts
+            # them only if someone asks, keeping a sort off the push path
+            self._log_push(table, sorted_ids if logged is None else logged, logged is not None)
         return Ticket(sent)
 
     def _forget_pushes(self, table: str | None = None) -> None:
@@ -550,14 +550,15 @@ class Client:
                     self._push_count[name] += 1
                     self._push_log[name].clear()
 
-    def _log_push(self, table: str, ids: np.ndarray) -> None:
-        # called under the lock, once the push is on the sockets
+    def _log_push(self, table: str, ids: np.ndarray, is_sorted: bool) -> None:
+        # called under the lock, once the push is on the sockets; ids are private to us
+        ids.flags.writeable = False
         count = self._push_count.get(table, 0) + 1
         self._push_count[table] = count
         log_ = self._push_log.get(table)
         if log_ is None:
             log_ = self._push_log[table] = deque(maxlen=PUSH_LOG_LENGTH)
-        log_.append((count, ids))
+        log_.append((count, ids, is_sorted))
 
     def push_mark(self, table: str) -> int:
         """Number of pushes to ``table`` this client has issued so far.
@@ -585,10 +586,10 @@ class Client:
             log_ = self._push_log[table]
             if not log_ or log_[0][0] > mark + 1:
                 return None
-            parts = [ids for seq, ids in log_ if seq > mark]
-        if len(parts) == 1:
-            return parts[0]  # sorted, unique and read-only (see push)
-        return np.unique(np.concatenate(parts))
+            parts = [(ids, ok) for seq, ids, ok in log_ if seq > mark]
+        if len(parts) == 1 and parts[0][1]:
+            return parts[0][0]  # sorted, unique and read-only (see push)
+        return np.unique(np.concatenate([ids for ids, _ in parts]))
 
     def _throttle(self) -> None:
         # Bound the memory held by unanswered pushes: wait for the oldest ones.
