@@ -12,7 +12,9 @@ the same number of rows from an array of the same size, and send back the same r
 bytes. Targets: pull >= 0.5 x ceiling, push >= 0.3 x ceiling.
 
 Then a 10 M-key x dim-16 Adagrad table is filled on one shard and the shard's
-resident bytes per row are printed.
+resident bytes per row are printed, and the time from starting a shard process to its
+ready line (kernels loaded from numba's on-disk cache) beside the time to start a bare
+Python interpreter that imports numpy, measured in the same run.
 
 Run: ``python benchmarks/ps_throughput.py`` (``--quick`` for a short run,
 ``--big-rows N`` to size the memory test).
@@ -163,6 +165,24 @@ def bench_memory(rows: int) -> str:
             f"bytes/row; values+accumulator alone are 128)")
 
 
+def bench_startup(runs: int = 3) -> str:
+    """Median seconds to a shard's ready line vs a bare ``python -c 'import numpy'``."""
+    import statistics
+
+    shard, bare = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        local = LocalShards(1)
+        shard.append(time.perf_counter() - t0)
+        local.stop()
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import numpy"], check=True)
+        bare.append(time.perf_counter() - t0)
+    s, b = statistics.median(shard), statistics.median(bare)
+    return (f"shard start to ready: {s:.2f} s (median of {runs}; kernels from numba's cache); "
+            f"bare python + numpy start: {b:.2f} s; ratio {s / b:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter timing windows")
@@ -180,6 +200,7 @@ def main() -> None:
             for dim in (16, 64):
                 for line in bench_throughput(shards, n_keys, dim, min_time):
                     print(line, flush=True)
+    print(bench_startup())
     print(bench_memory(args.big_rows))
 
 

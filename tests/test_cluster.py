@@ -291,3 +291,38 @@ def test_push_does_not_share_the_callers_arrays(start_cluster: Callable[..., Cli
     ref.push(want_ids, want_grads)
     np.testing.assert_array_equal(client.pull("emb", want_ids), ref.pull(want_ids))
     assert client.describe_table("emb")["rows"] == 200
+
+
+def test_concurrent_workers_each_push_applied_once(start_cluster: Callable[..., Client]
+                                                   ) -> None:
+    """4 workers x 25 pushes of overlapping ids into 2 shards; SGD sums commute, so the
+    final rows must equal the initial rows minus lr x the sum of every gradient."""
+    base = start_cluster(2)
+    base.create_table("t", 3, optimizer=xdl.optim.SGD(lr=0.5))
+    ids = np.arange(40)
+    start = base.pull("t", ids)
+    total = np.zeros((40, 3), np.float32)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            with Client(base.servers, timeout=20.0) as c:
+                for _ in range(25):
+                    chosen = rng.choice(ids, 10, replace=False)
+                    g = rng.integers(-4, 5, (10, 3)).astype(np.float32)  # exact in float32
+                    c.push("t", chosen, g)
+                    with lock:
+                        total[chosen] += g
+                c.wait()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    np.testing.assert_allclose(base.pull("t", ids), start - 0.5 * total, atol=1e-5)
