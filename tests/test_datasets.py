@@ -4,6 +4,7 @@ on a small synthetic MovieLens-shaped table, and the MovieLens loader's local pa
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -14,8 +15,11 @@ import pytest
 
 from xdl import datasets
 
-CRITEO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "criteo_kaggle_head"
-needs_criteo = pytest.mark.skipif(not CRITEO_DIR.is_dir(), reason="no ../shared/data")
+SHARED_DATA = Path(os.environ.get("XDL_SHARED_DATA",
+                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+CRITEO_DIR = SHARED_DATA / "criteo_kaggle_head"
+needs_criteo = pytest.mark.skipif(not CRITEO_DIR.is_dir(),
+                                  reason=f"no {CRITEO_DIR} (set XDL_SHARED_DATA)")
 
 
 # ------------------------------------------------------------------------ Criteo
