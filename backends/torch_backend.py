@@ -15,6 +15,7 @@ import numpy as np
 
 from xdl.backend import Backend, SparseClient
 from xdl.hookspecs import hookimpl
+from xdl.sharding import add_rows
 
 _pull_function: Any = None
 
@@ -60,7 +61,7 @@ def merge_rows(ids: list[np.ndarray], grads: list[np.ndarray]) -> tuple[np.ndarr
     all_ids = np.concatenate(ids)
     unique, inverse = np.unique(all_ids, return_inverse=True)
     summed = np.zeros((len(unique), grads[0].shape[1]), dtype=np.float32)
-    np.add.at(summed, inverse.reshape(-1), np.concatenate(grads))
+    add_rows(summed, inverse, np.concatenate(grads))
     return unique, summed
 
 

@@ -51,6 +51,7 @@ from .errors import (
     error_from_code,
 )
 from .sharding import (
+    add_rows,
     all_finite,
     bucket_ranges,
     dense_shard,
@@ -517,7 +518,7 @@ class Client:
             logged = uniq
             if uniq.size != flat.size:  # sum the gradients of repeated ids
                 summed = np.zeros((uniq.size, dim), dtype=np.float32)
-                np.add.at(summed, inverse, g)
+                add_rows(summed, inverse, g)
                 flat, g, owned = uniq, summed, True
         if self.num_shards == 1:  # no routing, no permutation
             # The request is sent without copies, asynchronously, and kept for resends:

@@ -101,6 +101,16 @@ def _put(out: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def _add(out: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+    dim = out.shape[1]
+    for i in range(idx.shape[0]):
+        dst = out[idx[i]]
+        s = src[i]
+        for j in range(dim):
+            dst[j] += s[j]
+
+
+@njit(cache=True)
 def _max_exponent(bits: np.ndarray) -> np.uint32:
     # float32 bit patterns: NaN and Inf are the ones whose exponent field is all ones; an
     # integer max-reduction vectorizes where a float test would not
@@ -191,6 +201,13 @@ def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def put_rows(out: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
     """``out[idx] = src`` in place for a C-contiguous 2-D ``out`` and valid int64 ``idx``."""
     _put(out, np.ascontiguousarray(idx, dtype=np.int64),
+         np.ascontiguousarray(src, dtype=out.dtype))
+
+
+def add_rows(out: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+    """``out[idx[i]] += src[i]`` for every i, repeated indices accumulating (like
+    ``np.add.at``, in one compiled pass) on a C-contiguous 2-D ``out``."""
+    _add(out, np.ascontiguousarray(idx, dtype=np.int64).reshape(-1),
          np.ascontiguousarray(src, dtype=out.dtype))
 
 

@@ -262,3 +262,16 @@ def test_sharding_kernels_match_numpy() -> None:
     expect = np.zeros_like(a)
     expect[idx] = a[:20]
     np.testing.assert_array_equal(out, expect)
+
+
+def test_add_rows_accumulates_repeated_indices_like_add_at() -> None:
+    from xdl.sharding import add_rows
+
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, 40, 3000)  # many repeats
+    src = rng.normal(size=(3000, 5)).astype(np.float32)
+    got = np.ones((40, 5), np.float32)
+    add_rows(got, idx, src)
+    want = np.ones((40, 5), np.float32)
+    np.add.at(want, idx, src)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
