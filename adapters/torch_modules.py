@@ -67,6 +67,20 @@ class _RemoteRows:
     num_embeddings: int
     padding_idx: int | None
 
+    def _init_layer(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None,
+                    sparse: bool) -> None:
+        # the attributes torch's own layer sets, without allocating its weight
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = _padding(padding_idx, num_embeddings)
+        self.max_norm = None
+        self.norm_type = 2.0
+        self.scale_grad_by_freq = False
+        self.sparse = sparse
+
+    def reset_parameters(self) -> None:
+        """No-op: initial rows come from the table's server-side initializer."""
+
     def _init_remote(self, client: SparseClient, table: str, id_mode: str,
                      sync_push: bool) -> None:
         if id_mode not in MODES:
@@ -260,17 +274,8 @@ class DistributedEmbedding(_RemoteRows, nn.Embedding):  # type: ignore[misc]
                  table: str, *, padding_idx: int | None = None, mode: str = "index",
                  sparse: bool = False, sync_push: bool = True) -> None:
         nn.Module.__init__(self)  # not nn.Embedding.__init__: it would allocate the weight
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.padding_idx = _padding(padding_idx, num_embeddings)
-        self.max_norm = None
-        self.norm_type = 2.0
-        self.scale_grad_by_freq = False
-        self.sparse = sparse
+        self._init_layer(num_embeddings, embedding_dim, padding_idx, sparse)
         self._init_remote(client, table, mode, sync_push)
-
-    def reset_parameters(self) -> None:
-        """No-op: initial rows come from the table's server-side initializer."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name)
         """Embeddings of ``input`` (any shape) → ``input.shape + (embedding_dim,)``."""
@@ -304,19 +309,10 @@ class DistributedEmbeddingBag(_RemoteRows, nn.EmbeddingBag):  # type: ignore[mis
             raise InvalidArgumentError(
                 f"DistributedEmbeddingBag supports mode 'sum', 'mean' or 'sqrtn', got {mode!r}",
                 table=table)
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.padding_idx = _padding(padding_idx, num_embeddings)
-        self.max_norm = None
-        self.norm_type = 2.0
-        self.scale_grad_by_freq = False
+        self._init_layer(num_embeddings, embedding_dim, padding_idx, sparse)
         self.mode = mode
-        self.sparse = sparse
         self.include_last_offset = include_last_offset
         self._init_remote(client, table, id_mode, sync_push)
-
-    def reset_parameters(self) -> None:
-        """No-op: initial rows come from the table's server-side initializer."""
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,  # noqa: A002
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 
 from .errors import InvalidArgumentError
+from .sharding import splitmix64
 from .specs import build
 
 __all__ = [
@@ -158,17 +159,10 @@ _TRUNC_MAX_TRIES = 64  # P(64 misses in a row) = 0.0455**64: never; bounded anyw
 
 
 @njit(cache=True, inline="always")
-def _mix(z: np.uint64) -> np.uint64:
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-@njit(cache=True, inline="always")
 def _uniform01(base: np.uint64, column: int, counter: int) -> float:
     """A uniform double in [0, 1) from (row hash, column, draw counter)."""
     c = (np.uint64(column) << np.uint64(32)) ^ np.uint64(counter)
-    h = _mix(base ^ _mix(c + np.uint64(0x9E3779B97F4A7C15)))
+    h = splitmix64(base ^ splitmix64(c + np.uint64(0x9E3779B97F4A7C15)))
     return float(h >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
@@ -208,7 +202,7 @@ def _std_normal(base: np.uint64, column: int, draw: int) -> float:
 def _column_hash(column: int, counter: int) -> np.uint64:
     """The key-independent half of a draw's hash: mixes (column, draw counter)."""
     c = (np.uint64(column) << np.uint64(32)) ^ np.uint64(counter)
-    return _mix(c + np.uint64(0x9E3779B97F4A7C15))
+    return splitmix64(c + np.uint64(0x9E3779B97F4A7C15))
 
 
 @njit(cache=True, inline="always")
@@ -232,7 +226,7 @@ def _generate_kernel(code: int, a: float, b: float, seed: int, keys: np.ndarray,
             for j in range(dim):
                 row[j] = v
         return out
-    s = _mix(np.uint64(seed) + np.uint64(0x9E3779B97F4A7C15))
+    s = splitmix64(np.uint64(seed) + np.uint64(0x9E3779B97F4A7C15))
     c0 = np.empty(dim, dtype=np.uint64)
     c1 = np.empty(dim, dtype=np.uint64)
     for j in range(dim):
@@ -241,16 +235,16 @@ def _generate_kernel(code: int, a: float, b: float, seed: int, keys: np.ndarray,
     z = np.empty(dim, dtype=np.float64)
     r = np.empty(dim, dtype=np.float64)
     for i in range(n):
-        base = _mix(s ^ _mix(np.uint64(keys[i])))
+        base = splitmix64(s ^ splitmix64(np.uint64(keys[i])))
         row = out[i]
         if code == 2:
             for j in range(dim):
-                v = a + (b - a) * _to01(_mix(base ^ c0[j]))
+                v = a + (b - a) * _to01(splitmix64(base ^ c0[j]))
                 row[j] = a if v >= b else v  # float rounding could reach the open bound
             continue
         for j in range(dim):  # hashes and cosines: vectorizes
-            z[j] = _cos_2pi(_to01(_mix(base ^ c1[j])))
-            r[j] = 1.0 - _to01(_mix(base ^ c0[j]))
+            z[j] = _cos_2pi(_to01(splitmix64(base ^ c1[j])))
+            r[j] = 1.0 - _to01(splitmix64(base ^ c0[j]))
         for j in range(dim):
             z[j] *= math.sqrt(-2.0 * math.log(r[j]))
         if code == 4:

@@ -25,11 +25,13 @@ __all__ = [
     "all_finite",
     "first_outside",
     "dense_shard",
+    "splitmix64",
 ]
 
 
 @njit(cache=True, inline="always")
-def _mix(z: np.uint64) -> np.uint64:
+def splitmix64(z: np.uint64) -> np.uint64:
+    """SplitMix64's finalizer of one uint64 (numba; the one copy every kernel calls)."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
@@ -38,19 +40,19 @@ def _mix(z: np.uint64) -> np.uint64:
 @njit(cache=True)
 def _mix64(ids: np.ndarray, out: np.ndarray) -> None:
     for i in range(ids.shape[0]):
-        out[i] = _mix(np.uint64(ids[i]))
+        out[i] = splitmix64(np.uint64(ids[i]))
 
 
 @njit(cache=True)
 def _buckets(ids: np.ndarray, out: np.ndarray) -> None:
     for i in range(ids.shape[0]):
-        out[i] = np.int64(_mix(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))
+        out[i] = np.int64(splitmix64(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))
 
 
 @njit(cache=True)
 def _shards(ids: np.ndarray, route: np.ndarray, out: np.ndarray) -> None:
     for i in range(ids.shape[0]):
-        out[i] = route[np.int64(_mix(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))]
+        out[i] = route[np.int64(splitmix64(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))]
 
 
 @njit(cache=True)
@@ -61,7 +63,7 @@ def _split(ids: np.ndarray, route: np.ndarray, num_shards: int
     shard = np.empty(n, dtype=np.int32)
     counts = np.zeros(num_shards, dtype=np.int64)
     for i in range(n):
-        k = route[np.int64(_mix(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))]
+        k = route[np.int64(splitmix64(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))]
         shard[i] = k
         counts[k] += 1
     pos = np.empty(num_shards, dtype=np.int64)
@@ -125,7 +127,7 @@ def _first_outside(ids: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
     first = -1
     count = 0
     for i in range(ids.shape[0]):
-        b = np.int64(_mix(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))
+        b = np.int64(splitmix64(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))
         if b < lo or b >= hi:
             if first < 0:
                 first = i

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from xdl.sharding import all_finite, put_rows, take_rows
+from xdl.sharding import all_finite, put_rows, splitmix64, take_rows
 
 EMPTY = np.uint8(0)
 FULL = np.uint8(1)
@@ -47,10 +47,7 @@ __all__ = [
 def _slot_hash(key: np.int64) -> np.uint64:
     # SplitMix64's finalizer over the key xor a constant, so the low bits used here are
     # unrelated to the high bits that pick the key's shard bucket (xdl.sharding.mix64).
-    z = np.uint64(key) ^ np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    return splitmix64(np.uint64(key) ^ np.uint64(0x9E3779B97F4A7C15))
 
 
 @njit(cache=True)
