@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel -c constraints.txt
 	$(PIP) install -c constraints.txt -e '.[all,dev]'
+	$(PIP) install -c constraints.txt --no-deps tf-keras
 	touch $(STAMP)
 
 lint: venv
