@@ -1,0 +1,521 @@
+"""A shard's write-ahead log: no acknowledged change is lost when the process dies.
+
+Every request that changes a shard's state (create or drop a table, push, delete,
+dense create and push) is appended to the log after the shard applied it and before
+its reply leaves; the reply is held until the record is durable. A restarted shard
+rebuilds its state from the latest checkpoint the log names plus a replay of every
+request recorded after it, through the same exactly-once filter and handlers.
+
+Record layout (little-endian)::
+
+    "XWL1"  u32 body length  u32 CRC-32 of body      (12-byte frame header)
+    body =  u32 meta length, msgpack meta, frame bytes...
+
+``meta`` is a map ``{"lsn": int, "kind": str, "sizes": [bytes of each frame], ...}``
+written with :func:`xdl.codec.packb`; the frames are the request's wire frames as the
+shard received them (a request is logged without being re-encoded, and replayed by
+handing the same frames to the shard). No pickle. The CRC covers meta and frames, so a
+record torn by a crash mid-write is detected; recovery truncates the last segment at the
+first bad record (nothing after it was ever acknowledged).
+
+Kinds of record: ``req`` (a request's frames, replayed), ``save`` (the shard wrote its
+part of a checkpoint into ``dir``; meta also holds this shard's exactly-once marks) and
+``base`` (the state was replaced by the checkpoint at ``path``: a ``LOAD``, or
+``--load`` at start). A checkpoint record starts a new segment; once its checkpoint is
+committed, every older segment is deleted.
+
+Durability (``fsync`` policy): ``"every"`` syncs before any reply leaves (group
+commit: all requests drained in one loop turn share one ``fdatasync``); a number of
+milliseconds syncs at most that long after the oldest unsynced record (replies wait
+for it); ``"none"`` never syncs: a record is written to the OS before the reply, so it
+survives the process being killed, but not the machine losing power.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from xdl import codec
+from xdl.errors import CheckpointError, InvalidArgumentError
+
+log = logging.getLogger("xdl.server")
+
+RECORD_MAGIC = b"XWL1"
+_FRAME = struct.Struct("<4sII")
+_META_LEN = struct.Struct("<I")
+#: largest record body accepted when reading (a corrupt length must not allocate gigabytes)
+MAX_RECORD_BYTES = 1 << 32
+DEFAULT_SEGMENT_BYTES = 64 << 20
+_SEGMENT = re.compile(r"^(\d{20})\.wal$")
+
+REQ = "req"
+SAVE = "save"
+BASE = "base"
+
+Buffer = Any  # bytes, memoryview or zmq.Frame
+
+
+def _bytes_of(frame: Buffer) -> memoryview:
+    buf: Any = getattr(frame, "buffer", frame)
+    return memoryview(buf).cast("B")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One decoded log record.
+
+    :ivar lsn: log sequence number (1, 2, ... over the log's whole life).
+    :ivar kind: ``"req"``, ``"save"`` or ``"base"``.
+    :ivar meta: the record's msgpack map (``lsn``, ``kind``, ``sizes`` and kind fields).
+    :ivar frames: the logged frames (read-only views).
+    """
+
+    lsn: int
+    kind: str
+    meta: dict[str, Any]
+    frames: list[memoryview]
+
+
+def encode_record(lsn: int, kind: str, frames: Sequence[Buffer] = (), **fields: Any
+                  ) -> list[memoryview | bytes]:
+    """Buffers of one record, ready for ``os.writev`` (frames are not copied)."""
+    views = [_bytes_of(f) for f in frames]
+    meta = codec.packb({**fields, "lsn": lsn, "kind": kind, "sizes": [v.nbytes for v in views]})
+    head = _META_LEN.pack(len(meta))
+    crc = zlib.crc32(meta, zlib.crc32(head))
+    for v in views:
+        crc = zlib.crc32(v, crc)
+    length = len(head) + len(meta) + sum(v.nbytes for v in views)
+    return [_FRAME.pack(RECORD_MAGIC, length, crc), head, meta, *views]
+
+
+def decode_records(data: bytes | memoryview, where: str = "log") -> tuple[list[Record], int, str]:
+    """Parse consecutive records from ``data``.
+
+    Returns ``(records, good_bytes, problem)``: the records before the first bad one,
+    the length of that valid prefix, and what was wrong with the rest ("" when the whole
+    buffer parsed). Never raises on damaged input.
+    """
+    buf = memoryview(data).cast("B")
+    records: list[Record] = []
+    pos = 0
+    end = buf.nbytes
+    while pos < end:
+        if end - pos < _FRAME.size:
+            return records, pos, f"{where}: torn record header at byte {pos}"
+        magic, length, crc = _FRAME.unpack_from(buf, pos)
+        if magic != RECORD_MAGIC:
+            return records, pos, f"{where}: bad record magic {bytes(magic)!r} at byte {pos}"
+        body_start = pos + _FRAME.size
+        if length < _META_LEN.size or length > MAX_RECORD_BYTES or body_start + length > end:
+            return records, pos, (f"{where}: record at byte {pos} of {length} bytes runs past "
+                                  "the end")
+        body = buf[body_start: body_start + length]
+        if zlib.crc32(body) != crc:
+            return records, pos, f"{where}: CRC mismatch in the record at byte {pos}"
+        (mlen,) = _META_LEN.unpack_from(body, 0)
+        try:
+            meta = codec.unpackb(body[_META_LEN.size: _META_LEN.size + mlen])
+            lsn, kind, sizes = meta["lsn"], meta["kind"], meta["sizes"]
+            if not (isinstance(lsn, int) and isinstance(kind, str) and isinstance(sizes, list)
+                    and all(isinstance(s, int) and s >= 0 for s in sizes)
+                    and _META_LEN.size + mlen + sum(sizes) == length):
+                raise ValueError("inconsistent meta")
+        except Exception as exc:  # msgpack raises several unrelated classes
+            return records, pos, f"{where}: unreadable record meta at byte {pos}: {exc}"
+        frames = []
+        off = _META_LEN.size + mlen
+        for s in sizes:
+            frames.append(body[off: off + s].toreadonly())
+            off += s
+        records.append(Record(lsn, kind, meta, frames))
+        pos = body_start + length
+    return records, pos, ""
+
+
+def parse_fsync(value: str | float | int) -> float | None:
+    """Turn an fsync policy into seconds between syncs: ``"every"`` → 0, ``"none"`` → None,
+    ``"5"`` / ``"5ms"`` / ``5`` → 0.005."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("every", "always", "0"):
+            return 0.0
+        if v in ("none", "off", "never"):
+            return None
+        v = v[:-2] if v.endswith("ms") else v
+        try:
+            ms = float(v)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"WAL fsync policy {value!r} not understood: use 'every', 'none' or a "
+                "number of milliseconds such as '5'") from None
+    else:
+        ms = float(value)
+    if not ms >= 0 or ms > 60_000:
+        raise InvalidArgumentError(f"WAL fsync interval {value!r} ms must be in [0, 60000]")
+    return ms / 1e3
+
+
+@dataclass
+class _Segment:
+    first_lsn: int
+    path: str
+
+
+@dataclass
+class WalStats:
+    """Counters of one log since it was opened."""
+
+    records: int = 0
+    bytes: int = 0
+    syncs: int = 0
+    sync_seconds: float = 0.0
+    truncated_bytes: int = 0
+    dropped_segments: int = 0
+
+
+class WriteAheadLog:
+    """Append-only log in segment files ``<directory>/<first lsn>.wal``.
+
+    Opening scans every segment, truncates a torn tail of the last one and keeps the
+    intact records for :meth:`recovered`; appends continue after them.
+
+    :param directory: folder of the segments (created if absent).
+    :param fsync: ``"every"``, ``"none"`` or milliseconds between syncs (see the module).
+    :param segment_bytes: a segment is closed after a record takes it past this size.
+    """
+
+    def __init__(self, directory: str, *, fsync: str | float = "every",
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        self.directory = os.path.abspath(directory)
+        self.interval = parse_fsync(fsync)
+        self.segment_bytes = int(segment_bytes)
+        self.stats = WalStats()
+        os.makedirs(self.directory, exist_ok=True)
+        self._segments: list[_Segment] = []
+        self._fd: int | None = None
+        self._size = 0
+        self._unsynced_since: float | None = None
+        self._recovered: list[Record] = []
+        self.next_lsn = 1
+        self._open_existing()
+
+    # ------------------------------------------------------------------ opening
+    def _open_existing(self) -> None:
+        names = sorted(n for n in os.listdir(self.directory) if _SEGMENT.match(n))
+        self._segments = [_Segment(int(n[:20]), os.path.join(self.directory, n)) for n in names]
+        for i, seg in enumerate(self._segments):
+            with open(seg.path, "rb") as f:
+                data = f.read()
+            records, good, problem = decode_records(data, seg.path)
+            if problem:
+                if i != len(self._segments) - 1:
+                    raise CheckpointError(
+                        f"write-ahead log is corrupt: {problem}, and later segments exist; "
+                        "move the log folder aside and restart from the last checkpoint")
+                log.warning("write-ahead log: %s; truncating %d bytes of an unfinished write",
+                            problem, len(data) - good)
+                with open(seg.path, "r+b") as f:
+                    f.truncate(good)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.stats.truncated_bytes += len(data) - good
+            for r in records:
+                if self._recovered and r.lsn != self.next_lsn:
+                    raise CheckpointError(
+                        f"write-ahead log {seg.path}: record {r.lsn} follows {self.next_lsn - 1};"
+                        " a segment is missing")
+                self._recovered.append(r)
+                self.next_lsn = r.lsn + 1
+            if i == len(self._segments) - 1:
+                self._size = good
+        if self._segments and self._size == 0:
+            # an empty last segment: drop it, the next append starts a fresh one
+            os.unlink(self._segments.pop().path)
+        elif self._segments:
+            self._fd = os.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
+
+    def recovered(self) -> list[Record]:
+        """The intact records found on disk when the log was opened, in order."""
+        return self._recovered
+
+    def release_recovered(self) -> None:
+        """Forget the records read at opening (after they were replayed)."""
+        self._recovered = []
+
+    # ------------------------------------------------------------------ writing
+    def append(self, kind: str, frames: Sequence[Buffer] = (), **fields: Any) -> int:
+        """Write one record (to the OS, not yet synced) and return its lsn.
+
+        Raises :class:`~xdl.errors.CheckpointError` if the write fails (disk full):
+        the caller must not acknowledge the change.
+        """
+        lsn = self.next_lsn
+        bufs = encode_record(lsn, kind, frames, **fields)
+        total = sum(memoryview(b).nbytes for b in bufs)
+        if self._fd is None:
+            self._start_segment(lsn)
+        assert self._fd is not None
+        try:
+            written = os.writev(self._fd, bufs)
+            if written < total:  # a short write: finish it with the remaining bytes
+                rest = b"".join(bytes(memoryview(b)) for b in bufs)[written:]
+                while rest:
+                    n = os.write(self._fd, rest)
+                    rest = rest[n:]
+        except OSError as exc:
+            self._undo_partial(total)
+            raise CheckpointError(
+                f"cannot append to the write-ahead log in {self.directory}: {exc}; free space "
+                "there (or move the log) and resend") from None
+        self.next_lsn = lsn + 1
+        self._size += total
+        self.stats.records += 1
+        self.stats.bytes += total
+        if self.interval is not None and self._unsynced_since is None:
+            self._unsynced_since = time.monotonic()
+        if self._size >= self.segment_bytes:
+            self.rotate()
+        return lsn
+
+    def _undo_partial(self, total: int) -> None:
+        # cut a half-written record so that the next append does not follow garbage
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+
+    def _start_segment(self, first_lsn: int) -> None:
+        path = os.path.join(self.directory, f"{first_lsn:020d}.wal")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._segments.append(_Segment(first_lsn, path))
+        self._size = 0
+        self._sync_directory()
+
+    def _sync_directory(self) -> None:
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    # ------------------------------------------------------------------ durability
+    @property
+    def unsynced(self) -> bool:
+        """Whether records were written since the last sync (always False for ``"none"``)."""
+        return self._unsynced_since is not None
+
+    def sync_due_in(self) -> float | None:
+        """Seconds until the group commit is due (0: now), or None when nothing waits."""
+        if self._unsynced_since is None or self.interval is None:
+            return None
+        return max(0.0, self._unsynced_since + self.interval - time.monotonic())
+
+    def sync(self) -> None:
+        """Make every record written so far durable (``fdatasync``)."""
+        if self._unsynced_since is None:
+            return
+        t0 = time.perf_counter()
+        if self._fd is not None:
+            os.fdatasync(self._fd)
+        self.stats.syncs += 1
+        self.stats.sync_seconds += time.perf_counter() - t0
+        self._unsynced_since = None
+
+    def rotate(self) -> None:
+        """Close the current segment (synced); the next record starts a new one."""
+        if self._fd is None:
+            return
+        if self.interval is not None:
+            os.fdatasync(self._fd)
+        self._unsynced_since = None
+        os.close(self._fd)
+        self._fd = None
+
+    def drop_before(self, lsn: int) -> int:
+        """Delete every segment whose records all have an lsn below ``lsn``; return how many."""
+        dropped = 0
+        while len(self._segments) > 1 and self._segments[1].first_lsn <= lsn:
+            os.unlink(self._segments.pop(0).path)
+            dropped += 1
+        if dropped:
+            self._sync_directory()
+            self.stats.dropped_segments += dropped
+        return dropped
+
+    def segments(self) -> list[str]:
+        """Paths of the segment files, oldest first."""
+        return [s.path for s in self._segments]
+
+    def close(self) -> None:
+        """Sync (unless the policy is ``"none"``) and close the current segment."""
+        if self._fd is not None:
+            if self.interval is not None:
+                self.sync()
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class ReplyGate:
+    """Holds replies until the log records before them are durable, then sends them in order.
+
+    Replies that follow an unsynced record wait, whatever their command, so a client
+    never sees a state that a crash could still take back.
+    """
+
+    wal: WriteAheadLog | None
+    held: list[tuple[Callable[[list[Any]], None], list[Any]]] = field(default_factory=list)
+
+    def send(self, send: Callable[[list[Any]], None], frames: list[Any]) -> None:
+        """Send ``frames`` now, or once the log is synced."""
+        if self.held or (self.wal is not None and self.wal.unsynced):
+            self.held.append((send, frames))
+        else:
+            send(frames)
+
+    def timeout_ms(self, idle_ms: int) -> int:
+        """How long the service loop may block in poll before :meth:`commit_if_due`."""
+        due = self.wal.sync_due_in() if self.wal is not None else None
+        return idle_ms if due is None else min(idle_ms, int(due * 1e3) + 1)
+
+    def commit_if_due(self, force: bool = False) -> None:
+        """Sync the log when the policy says so (or ``force``) and release held replies."""
+        if self.wal is not None and self.wal.unsynced:
+            due = self.wal.sync_due_in()
+            if not force and (due is None or due > 0):
+                return
+            self.wal.sync()
+        held, self.held = self.held, []
+        for send, frames in held:
+            send(frames)
+
+
+# ---------------------------------------------------------------------- shard glue
+def committed_checkpoint(save_dir: str) -> str | None:
+    """The published checkpoint folder that the save into ``save_dir`` became, if any.
+
+    Shards save into ``<root>/ckpt-N.tmp``; the client publishes it as ``<root>/ckpt-N``
+    with a manifest (see :mod:`xdl.server.checkpoint`).
+    """
+    final = save_dir[:-4] if save_dir.endswith(".tmp") else save_dir
+    return final if os.path.exists(os.path.join(final, "manifest.json")) else None
+
+
+@dataclass
+class RecoveryReport:
+    """What a restart found in the log."""
+
+    base: str | None = None
+    replayed: int = 0
+    records: int = 0
+    truncated_bytes: int = 0
+    seconds: float = 0.0
+
+
+class ShardJournal:
+    """Ties a shard to its write-ahead log: what to record, how to recover, when to trim.
+
+    The shard calls :meth:`record_request` for every state-changing request it ran,
+    :meth:`record_save` after writing its checkpoint part and :meth:`record_base` after
+    its state was replaced by a checkpoint. :meth:`recover` rebuilds the state at start.
+
+    :param wal: the open log.
+    """
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self.wal = wal
+        self.replaying = False
+        self._pending_saves: list[tuple[int, str]] = []  # (lsn, save dir) not yet committed
+
+    def record_request(self, frames: Sequence[Buffer]) -> None:
+        """Log a state-changing request's frames (not while replaying)."""
+        if not self.replaying:
+            self.wal.append(REQ, frames)
+
+    def record_save(self, save_dir: str, clients: dict[str, list[int]]) -> None:
+        """Log that the state up to here is in the checkpoint being written to ``save_dir``.
+
+        :param clients: this shard's exactly-once marks ``{cid: [incarnation, hwm]}``.
+        """
+        if self.replaying:
+            return
+        self.wal.rotate()
+        lsn = self.wal.append(SAVE, dir=save_dir, clients=clients)
+        self._pending_saves.append((lsn, save_dir))
+        self.trim()
+
+    def record_base(self, path: str) -> None:
+        """Log that the state was replaced by checkpoint ``path``; older segments go."""
+        if self.replaying:
+            return
+        self.wal.rotate()
+        lsn = self.wal.append(BASE, path=path)
+        self._pending_saves.clear()
+        self.wal.sync()
+        self.wal.drop_before(lsn)
+
+    def trim(self) -> None:
+        """Drop the segments covered by the newest committed checkpoint (cheap; call often)."""
+        newest = None
+        for lsn, d in self._pending_saves:
+            if committed_checkpoint(d) is not None:
+                newest = lsn
+        if newest is not None:
+            self._pending_saves = [(lsn, d) for lsn, d in self._pending_saves if lsn > newest]
+            self.wal.drop_before(newest)
+
+    def recover(self, load: Callable[[str, dict[str, list[int]] | None], None],
+                replay: Callable[[list[memoryview]], None]) -> RecoveryReport:
+        """Rebuild the state: load the newest usable checkpoint the log names, replay after it.
+
+        :param load: ``load(checkpoint_path, clients)`` replaces the shard's state by a
+            checkpoint (``clients``: exactly-once marks to use instead of the checkpoint's).
+        :param replay: ``replay(frames)`` runs one logged request through the shard.
+        """
+        t0 = time.perf_counter()
+        records = self.wal.recovered()
+        report = RecoveryReport(records=len(records),
+                                truncated_bytes=self.wal.stats.truncated_bytes)
+        start = 0
+        for i in range(len(records) - 1, -1, -1):
+            r = records[i]
+            if r.kind == BASE:
+                report.base, start = str(r.meta["path"]), i + 1
+                load(report.base, None)
+                break
+            if r.kind == SAVE:
+                final = committed_checkpoint(str(r.meta["dir"]))
+                if final is not None:
+                    report.base, start = final, i + 1
+                    load(final, dict(r.meta.get("clients") or {}))
+                    break
+                self._pending_saves.insert(0, (r.lsn, str(r.meta["dir"])))
+        self.replaying = True
+        try:
+            for r in records[start:]:
+                if r.kind == REQ:
+                    replay(r.frames)
+                    report.replayed += 1
+        finally:
+            self.replaying = False
+        self.wal.release_recovered()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+
+def iter_records(directory: str) -> Iterator[Record]:
+    """Every intact record of the log in ``directory`` (read-only; for tools and tests)."""
+    for n in sorted(n for n in os.listdir(directory) if _SEGMENT.match(n)):
+        with open(os.path.join(directory, n), "rb") as f:
+            records, _, _ = decode_records(f.read(), n)
+        yield from records

@@ -1,0 +1,272 @@
+"""The write-ahead log on its own: record format, torn tails, segments, group commit, recovery."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+from xdl import codec
+from xdl import protocol as P
+from xdl.errors import CheckpointError, InvalidArgumentError
+from xdl.server import wal as W
+
+
+def push_frames(i: int, n: int = 3) -> list[bytes]:
+    ids = np.arange(i, i + n, dtype=np.int64)
+    grads = np.full((n, 4), float(i), dtype=np.float32)
+    return [bytes(memoryview(f)) for f in codec.encode(
+        P.PUSH, {"cid": "c", "inc": 1, "seq": i, "table": "t"}, {"ids": ids, "grads": grads})]
+
+
+def only_segment(d: str) -> str:
+    (seg,) = [n for n in os.listdir(d) if n.endswith(".wal")]
+    return os.path.join(d, seg)
+
+
+def test_records_round_trip_with_their_frames(tmp_path: Any) -> None:
+    log = W.WriteAheadLog(str(tmp_path))
+    sent = [push_frames(i) for i in range(1, 6)]
+    for frames in sent:
+        log.append(W.REQ, frames)
+    log.append(W.SAVE, dir="/x/ckpt-000001.tmp", clients={"c": [1, 5]})
+    log.close()
+    again = W.WriteAheadLog(str(tmp_path))
+    recs = again.recovered()
+    assert [r.lsn for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert [r.kind for r in recs] == ["req"] * 5 + ["save"]
+    for r, frames in zip(recs[:5], sent, strict=True):
+        assert [bytes(f) for f in r.frames] == frames
+        command, header, arrays = codec.decode(r.frames)
+        assert command == P.PUSH and header["seq"] == r.lsn
+        np.testing.assert_array_equal(arrays["grads"], np.full((3, 4), float(r.lsn), np.float32))
+    assert recs[-1].meta["clients"] == {"c": [1, 5]}
+    assert again.append(W.REQ, push_frames(7)) == 7
+    again.close()
+
+
+@pytest.mark.parametrize("cut", [1, 5, 11, 12, 13, 40, -1])
+def test_a_torn_last_record_is_cut_and_the_log_goes_on(tmp_path: Any, cut: int) -> None:
+    log = W.WriteAheadLog(str(tmp_path))
+    for i in range(1, 5):
+        log.append(W.REQ, push_frames(i))
+    good = os.path.getsize(only_segment(str(tmp_path)))
+    log.append(W.REQ, push_frames(5))
+    log.close()
+    path = only_segment(str(tmp_path))
+    full = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(good + cut if cut > 0 else full + cut)
+    again = W.WriteAheadLog(str(tmp_path))
+    assert [r.lsn for r in again.recovered()] == [1, 2, 3, 4]
+    assert os.path.getsize(path) == good
+    assert again.stats.truncated_bytes > 0
+    assert again.append(W.REQ, push_frames(5)) == 5
+    again.close()
+    assert [r.lsn for r in W.iter_records(str(tmp_path))] == [1, 2, 3, 4, 5]
+
+
+def test_a_flipped_byte_is_caught_by_the_crc(tmp_path: Any) -> None:
+    log = W.WriteAheadLog(str(tmp_path))
+    for i in range(1, 4):
+        log.append(W.REQ, push_frames(i))
+    log.close()
+    path = only_segment(str(tmp_path))
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 7)  # inside the last record's gradient bytes
+        b = f.read(1)
+        f.seek(size - 7)
+        f.write(bytes([b[0] ^ 0x40]))
+    again = W.WriteAheadLog(str(tmp_path))
+    assert [r.lsn for r in again.recovered()] == [1, 2]
+    again.close()
+
+
+def test_corruption_before_the_last_segment_refuses_to_open(tmp_path: Any) -> None:
+    log = W.WriteAheadLog(str(tmp_path), segment_bytes=1)  # one record per segment
+    for i in range(1, 4):
+        log.append(W.REQ, push_frames(i))
+    log.close()
+    first = log.segments()[0]
+    with open(first, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff\xff")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        W.WriteAheadLog(str(tmp_path))
+
+
+def test_garbage_never_raises_from_the_decoder() -> None:
+    rng = random.Random(7)
+    good = b"".join(bytes(memoryview(b)) for b in W.encode_record(1, W.REQ, push_frames(1)))
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        cut = bytes(data[: rng.randrange(len(data) + 1)])
+        records, n, problem = W.decode_records(cut)
+        assert n == len(cut) if not problem else n < len(cut)
+        for r in records:  # whatever survived the CRC is the original
+            assert r.lsn == 1
+    records, n, problem = W.decode_records(good)
+    assert len(records) == 1 and n == len(good) and problem == ""
+
+
+def test_segments_roll_and_are_dropped_only_when_covered(tmp_path: Any) -> None:
+    one = sum(memoryview(b).nbytes for b in W.encode_record(1, W.REQ, push_frames(1)))
+    log = W.WriteAheadLog(str(tmp_path), segment_bytes=2 * one)
+    for i in range(1, 8):
+        log.append(W.REQ, push_frames(i))
+    firsts = [int(os.path.basename(p)[:20]) for p in log.segments()]
+    assert firsts == [1, 3, 5, 7]
+    assert log.drop_before(4) == 1  # segment 1-2 is covered; 3-4 still holds lsn 4
+    assert log.drop_before(5) == 1
+    assert log.drop_before(100) == 1  # the last segment always stays
+    assert len(log.segments()) == 1
+    log.close()
+    again = W.WriteAheadLog(str(tmp_path))
+    assert [r.lsn for r in again.recovered()] == [7]
+    assert again.append(W.REQ, push_frames(8)) == 8
+    again.close()
+
+
+def test_fsync_policies_parse() -> None:
+    assert W.parse_fsync("every") == 0.0
+    assert W.parse_fsync("none") is None
+    assert W.parse_fsync("5") == pytest.approx(0.005)
+    assert W.parse_fsync("20ms") == pytest.approx(0.02)
+    assert W.parse_fsync(2) == pytest.approx(0.002)
+    for bad in ("sometimes", "-1", "1e9"):
+        with pytest.raises(InvalidArgumentError, match="fsync"):
+            W.parse_fsync(bad)
+
+
+def test_group_commit_holds_replies_until_synced(tmp_path: Any) -> None:
+    log = W.WriteAheadLog(str(tmp_path), fsync="every")
+    gate = W.ReplyGate(log)
+    sent: list[Any] = []
+    gate.send(sent.append, ["before"])  # nothing unsynced: goes at once
+    assert sent == [["before"]]
+    for i in range(1, 11):
+        log.append(W.REQ, push_frames(i))
+        gate.send(sent.append, [f"ack {i}"])
+    gate.send(sent.append, ["pull"])  # a reply behind unsynced records waits too
+    assert len(sent) == 1 and log.unsynced
+    gate.commit_if_due()
+    assert sent[1:] == [[f"ack {i}"] for i in range(1, 11)] + [["pull"]]
+    assert log.stats.syncs == 1 and not log.unsynced  # ten records, one fdatasync
+    log.close()
+
+
+def test_an_interval_waits_for_its_deadline(tmp_path: Any) -> None:
+    log = W.WriteAheadLog(str(tmp_path), fsync="60000")
+    gate = W.ReplyGate(log)
+    sent: list[Any] = []
+    log.append(W.REQ, push_frames(1))
+    gate.send(sent.append, ["ack"])
+    gate.commit_if_due()
+    assert sent == [] and 0 < gate.timeout_ms(200) <= 200
+    gate.commit_if_due(force=True)
+    assert sent == [["ack"]] and log.stats.syncs == 1
+    log.close()
+
+
+def test_no_fsync_acknowledges_at_once(tmp_path: Any) -> None:
+    log = W.WriteAheadLog(str(tmp_path), fsync="none")
+    gate = W.ReplyGate(log)
+    sent: list[Any] = []
+    log.append(W.REQ, push_frames(1))
+    gate.send(sent.append, ["ack"])
+    assert sent == [["ack"]] and not log.unsynced and log.stats.syncs == 0
+    log.close()
+    assert [r.lsn for r in W.iter_records(str(tmp_path))] == [1]  # written to the OS
+
+
+class FakeShard:
+    """Records what recovery asks of a shard."""
+
+    def __init__(self) -> None:
+        self.loaded: list[tuple[str, Any]] = []
+        self.replayed: list[int] = []
+
+    def load(self, path: str, clients: Any) -> None:
+        self.loaded.append((path, clients))
+        self.replayed.clear()
+
+    def replay(self, frames: list[memoryview]) -> None:
+        self.replayed.append(codec.decode(frames)[1]["seq"])
+
+
+def publish(save_dir: str) -> str:
+    final = save_dir[:-4]
+    os.makedirs(final)
+    with open(os.path.join(final, "manifest.json"), "w") as f:
+        f.write("{}")
+    return final
+
+
+def test_recovery_starts_at_the_newest_committed_checkpoint(tmp_path: Any) -> None:
+    wdir, root = str(tmp_path / "wal"), tmp_path / "ckpt"
+    root.mkdir()
+    j = W.ShardJournal(W.WriteAheadLog(wdir, segment_bytes=1 << 20))
+    j.record_base(str(root / "start"))
+    j.record_request(push_frames(1))
+    j.record_save(str(root / "ckpt-000001.tmp"), {"c": [1, 1]})
+    j.record_request(push_frames(2))
+    j.record_save(str(root / "ckpt-000002.tmp"), {"c": [1, 2]})  # never published
+    j.record_request(push_frames(3))
+    assert len(j.wal.segments()) == 3  # base, save 1, save 2 each start a segment
+    final = publish(str(root / "ckpt-000001.tmp"))
+    j.trim()
+    assert len(j.wal.segments()) == 2  # the base's segment is covered by checkpoint 1
+    j.wal.close()
+
+    shard = FakeShard()
+    j2 = W.ShardJournal(W.WriteAheadLog(wdir))
+    report = j2.recover(shard.load, shard.replay)
+    assert shard.loaded == [(final, {"c": [1, 1]})]  # this shard's own marks
+    assert shard.replayed == [2, 3]
+    assert report.base == final and report.replayed == 2
+    publish(str(root / "ckpt-000002.tmp"))
+    j2.trim()  # the pending save found in the log is trimmed once published
+    assert len(j2.wal.segments()) == 1
+    j2.record_request(push_frames(4))
+    j2.wal.close()
+    shard = FakeShard()
+    W.ShardJournal(W.WriteAheadLog(wdir)).recover(shard.load, shard.replay)
+    assert shard.loaded[0][1] == {"c": [1, 2]} and shard.replayed == [3, 4]
+
+
+def test_recovery_without_checkpoint_replays_everything(tmp_path: Any) -> None:
+    j = W.ShardJournal(W.WriteAheadLog(str(tmp_path)))
+    for i in range(1, 4):
+        j.record_request(push_frames(i))
+    j.wal.close()
+    shard = FakeShard()
+    j2 = W.ShardJournal(W.WriteAheadLog(str(tmp_path)))
+    report = j2.recover(shard.load, shard.replay)
+    assert shard.loaded == [] and shard.replayed == [1, 2, 3] and report.base is None
+    j2.record_request(push_frames(9))  # replay is not logged again; new requests are
+    j2.wal.close()
+    assert [r.lsn for r in W.iter_records(str(tmp_path))] == [1, 2, 3, 4]
+
+
+def test_a_failed_write_is_not_left_half_in_the_log(tmp_path: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    log = W.WriteAheadLog(str(tmp_path))
+    log.append(W.REQ, push_frames(1))
+
+    def full(fd: int, bufs: Any) -> int:
+        os.write(fd, b"XWL1\x00\x00")  # a few bytes land, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    with pytest.raises(CheckpointError, match="No space left"):
+        log.append(W.REQ, push_frames(2))
+    monkeypatch.undo()
+    assert log.append(W.REQ, push_frames(2)) == 2
+    log.close()
+    assert [r.lsn for r in W.iter_records(str(tmp_path))] == [1, 2]
