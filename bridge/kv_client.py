@@ -1,0 +1,205 @@
+"""The client's key-value API: sparse tables, pull, push, delete and the push log.
+
+:class:`KeyValueCalls` is one part of :class:`xdl.client.Client`; it turns table calls
+into routed requests (:mod:`xdl.routing`) over the client's transport
+(:mod:`xdl.transport`) and records every push in the push log (:mod:`xdl.pushlog`).
+Ids are checked and de-duplicated here, once; a caller that already holds unique ids
+says so with ``unique=True`` and nothing is sorted, de-duplicated or checked again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import init as xinit
+from . import optim as xoptim
+from . import protocol as P
+from .errors import InvalidArgumentError
+from .pushlog import PushLog
+from .routing import Routed, ShardRouter
+from .sharding import add_rows, all_finite
+from .transport import Ticket, Transport
+
+
+def as_ids(ids: Any, table: str) -> np.ndarray:
+    """``ids`` flattened to int64 (no copy when already int64); refuses non-integers."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"ids must be integers, got dtype {arr.dtype}", table=table)
+    return arr.reshape(-1).astype(np.int64, copy=False)
+
+
+def unique_ids(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ids of ``flat`` and the inverse index (``uniq[inverse] == flat``)."""
+    uniq, inverse = np.unique(flat, return_inverse=True)
+    return uniq, inverse
+
+
+class KeyValueCalls:
+    """Sparse-table calls of :class:`xdl.client.Client` (a mixin over its transport)."""
+
+    _transport: Transport
+    _router: ShardRouter
+    _pushlog: PushLog
+    _dims: dict[str, int]
+
+    # ------------------------------------------------------------ tables
+    def create_table(self, name: str, dim: int, *,
+                     initializer: xinit.Initializer | None = None,
+                     optimizer: xoptim.Optimizer | None = None, seed: int = 0) -> None:
+        """Create a sparse table on every shard (idempotent with the same settings).
+
+        :param name: table name, 1-128 characters from ``[A-Za-z0-9_.-]``.
+        :param dim: row width.
+        :param initializer: value of a new row (default :class:`xdl.init.Zeros`); it
+            depends only on ``seed`` and the key (see :func:`xdl.init.generate`).
+        :param optimizer: server-side update rule (default ``xdl.optim.SGD(lr=0.01)``).
+        :param seed: the table's initializer seed.
+        """
+        init_d = (initializer or xinit.Zeros()).to_dict()
+        opt_d = (optimizer or xoptim.SGD(lr=0.01)).to_dict()
+        self._transport.call_all(P.CREATE_TABLE, {"table": name, "dim": int(dim),
+                                                  "seed": int(seed), "initializer": init_d,
+                                                  "optimizer": opt_d})
+        self._dims[name] = int(dim)
+
+    def describe_table(self, name: str) -> dict[str, Any]:
+        """Settings of a table, with ``rows`` and ``bytes`` summed over shards."""
+        replies = self._transport.call_all(P.DESCRIBE_TABLE, {"table": name})
+        desc = dict(replies[0][0]["table"])
+        desc["rows"] = sum(int(h["table"]["rows"]) for h, _ in replies)
+        desc["nbytes"] = sum(int(h["table"]["nbytes"]) for h, _ in replies)
+        desc["rows_per_shard"] = [int(h["table"]["rows"]) for h, _ in replies]
+        return desc
+
+    def list_tables(self) -> dict[str, list[str]]:
+        """Names of the sparse tables and dense variables on the cluster."""
+        h, _ = self._transport.call_one(0, P.LIST_TABLES, {})
+        return {"tables": list(h["tables"]), "dense": list(h["dense"])}
+
+    def drop_table(self, name: str) -> None:
+        """Delete a table (or dense variable) and all its rows on every shard."""
+        self._transport.call_all(P.DROP_TABLE, {"table": name})
+        self._dims.pop(name, None)
+        self._pushlog.forget(name)
+
+    def _dim(self, table: str) -> int:
+        dim = self._dims.get(table)
+        if dim is None:
+            dim = int(self.describe_table(table)["dim"])
+            self._dims[table] = dim
+        return dim
+
+    # ------------------------------------------------------------ rows
+    def pull(self, table: str, ids: Any, *, unique: bool = False) -> np.ndarray:
+        """Rows of ``ids`` as ``float32 [len(ids), dim]``; missing rows are created.
+
+        :param table: table name.
+        :param ids: integer ids of any shape (flattened); repeats are fetched once.
+        :param unique: promise that ``ids`` has no repeats, skipping de-duplication.
+        """
+        flat = as_ids(ids, table)
+        uniq, inverse = (flat, None) if unique else unique_ids(flat)
+        dim = self._dim(table)
+        routed = self._router.split(uniq)
+        answered = self._router.call(P.PULL, {"table": table}, [(routed, {})])
+        rows = np.empty((uniq.size, dim), dtype=np.float32)
+        self._router.scatter(answered, "rows", [routed], [rows], [table])
+        return rows if inverse is None else rows[inverse]
+
+    def push(self, table: str, ids: Any, grads: Any, *, unique: bool = False) -> Ticket:
+        """Send gradients of rows; the shards apply the table's optimizer exactly once.
+
+        Returns at once with a :class:`Ticket`; :meth:`wait` blocks until applied. An
+        error of an un-waited push is raised by the next call of this client.
+
+        :param ids: integer ids, one per gradient row; gradients of repeated ids are summed.
+        :param grads: ``float32 [len(ids), dim]``, finite.
+        :param unique: promise that ``ids`` has no repeats, skipping de-duplication.
+        """
+        flat = as_ids(ids, table)
+        g = self._checked_grads(table, flat.size, grads)
+        routed, sorted_g, logged = self._route_push(flat, g, unique)
+        t = self._transport
+        with t.lock:
+            t.raise_failed()
+            t.throttle()
+            sent = self._router.send(P.PUSH, {"table": table}, [(routed, {"grads": sorted_g})])
+            ticket = t.track((s.shard, s.seq) for s in sent)
+            # unique=True: log the (private, unsorted) request ids; pushed_since sorts
+            # them only if someone asks, keeping a sort off the push path
+            self._pushlog.record(table, routed.ids if logged is None else logged,
+                                 logged is not None)
+        return ticket
+
+    def _checked_grads(self, table: str, n: int, grads: Any) -> np.ndarray:
+        g = np.asarray(grads)
+        dim = self._dim(table)
+        if g.dtype != np.float32:
+            if g.dtype.kind != "f":
+                raise InvalidArgumentError(f"grads must be floating point, got {g.dtype}",
+                                           table=table)
+            g = g.astype(np.float32)
+        if g.shape != (n, dim):
+            raise InvalidArgumentError(
+                f"grads: expected shape {[n, dim]} (len(ids), dim), got {list(g.shape)}",
+                table=table)
+        if not all_finite(g):
+            raise InvalidArgumentError("grads hold NaN or Inf values; nothing was sent",
+                                       table=table)
+        return g
+
+    def _route_push(self, flat: np.ndarray, g: np.ndarray, unique: bool
+                    ) -> tuple[Routed, np.ndarray, np.ndarray | None]:
+        """Ids and gradients of a push in shard order, private to the request.
+
+        Returns ``(routed ids, gradients in shard order, sorted unique ids or None)``;
+        the last is what the push log records when at hand.
+        """
+        owned = False  # whether flat and g are arrays this call made
+        logged: np.ndarray | None = None
+        if not unique:
+            uniq, inverse = unique_ids(flat)
+            logged = uniq
+            if uniq.size != flat.size:  # sum the gradients of repeated ids
+                summed = np.zeros((uniq.size, g.shape[1]), dtype=np.float32)
+                add_rows(summed, inverse, g)
+                flat, g, owned = uniq, summed, True
+        routed = self._router.split(flat)
+        if routed.order is not None:
+            return routed, routed.in_shard_order(g), logged  # both fresh arrays
+        if owned:
+            return routed, g, logged
+        # The request is sent without copies, asynchronously, and kept for resends:
+        # it must not share memory with arrays the caller may change after we return.
+        return (Routed(flat.copy(), None, routed.bounds),
+                np.array(g, dtype=np.float32, order="C"), logged)
+
+    def delete(self, table: str, ids: Any) -> int:
+        """Remove rows; returns how many existed. Their memory is reused by new rows."""
+        routed = self._router.split(np.unique(as_ids(ids, table)))
+        answered = self._router.call(P.DELETE, {"table": table}, [(routed, {})])
+        return sum(int(h["deleted"]) for _, (h, _) in answered)
+
+    # ------------------------------------------------------------ push log
+    def push_mark(self, table: str) -> int:
+        """Number of pushes to ``table`` this client has issued so far.
+
+        A push counted here is already on its way to the shards: a pull issued after
+        this call sees it (requests to one shard travel on one socket and are applied
+        in order). Pass the mark to :meth:`pushed_since` later to learn which ids were
+        pushed in between.
+        """
+        return self._pushlog.mark(table)
+
+    def pushed_since(self, table: str, mark: int) -> np.ndarray | None:
+        """Sorted unique ids pushed to ``table`` after :meth:`push_mark` returned ``mark``.
+
+        Returns an empty int64 array when nothing was pushed since, and None when more
+        than :data:`xdl.pushlog.PUSH_LOG_LENGTH` pushes were made since ``mark`` (the log
+        no longer reaches back that far: treat every id as pushed). The array may be
+        read-only. Prefetch uses it to re-pull exactly the prefetched rows that went stale.
+        """
+        return self._pushlog.since(table, mark)

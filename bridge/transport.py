@@ -1,0 +1,306 @@
+"""Client transport: one DEALER socket per shard, request tracking and Lazy Pirate retries.
+
+This is the lowest layer of :class:`xdl.client.Client` and knows nothing about tables.
+Every request is stamped with ``(client_id, incarnation, seq)`` and kept until its reply
+arrives. Replies are matched to requests by seq, so several requests may be in flight on
+one socket. Reliability follows the ZeroMQ guide's Lazy Pirate pattern: poll with a
+timeout, and when a shard stays silent close the socket (``LINGER 0``), open a new one,
+resend every unanswered request with its original seq (shards apply mutating requests
+exactly once, so this is safe) and give up after a bounded number of retries with a
+:class:`~xdl.errors.ServerUnavailableError` naming the endpoint.
+
+Asynchronous requests (pushes) are *tracked*: their replies are consumed whenever the
+transport next reads the socket, and a refusal is kept and raised by the next call
+(:meth:`Transport.raise_failed`) or by :meth:`Transport.wait`.
+
+Socket use is serialized by one re-entrant lock (:attr:`Transport.lock`); callers that
+must make several steps atomic (send a push, then log it) hold it around them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import codec
+from .errors import ServerUnavailableError, XdlError, error_from_code
+
+log = logging.getLogger("xdl.client")
+
+#: unanswered asynchronous requests per shard before a new one waits for the oldest
+MAX_INFLIGHT_PUSHES = 256
+
+#: a decoded reply: ``(header, arrays)``
+Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Handle of an asynchronous request; pass it to :meth:`xdl.Client.wait`.
+
+    :ivar seqs: ``(shard, seq)`` of every request the call sent.
+    """
+
+    seqs: tuple[tuple[int, int], ...]
+
+
+@dataclass
+class _Pending:
+    frames: list[Any]
+    command: bytes
+    table: str | None
+    sent_at: float
+    attempts: int = 0
+
+
+@dataclass
+class ShardConnection:
+    """One DEALER socket to one shard, with its unanswered and answered requests."""
+
+    endpoint: str
+    socket: zmq.Socket
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    done: dict[int, Reply] = field(default_factory=dict)
+    orphans: set[int] = field(default_factory=set)  # async seqs nobody waits on (yet)
+
+
+class Transport:
+    """Sockets to every shard, with request tracking and bounded retries.
+
+    :param servers: shard endpoints in shard order (``tcp://host:port``).
+    :param timeout: seconds to wait for a shard's reply before reconnecting and resending.
+    :param retries: reconnect-and-resend attempts before giving up.
+    :param client_id: id stamped on every request (default: random).
+    """
+
+    def __init__(self, servers: Sequence[str], *, timeout: float, retries: int,
+                 client_id: str | None = None) -> None:
+        self.servers = list(servers)
+        self.num_shards = len(self.servers)
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.client_id = client_id or uuid.uuid4().hex
+        self.incarnation = time.time_ns()
+        #: serializes socket use; re-entrant so callers can hold it around several calls
+        self.lock = threading.RLock()
+        self.ctx = zmq.Context()
+        self._seq = itertools.count(1)
+        self.conns = [ShardConnection(ep, self._open(ep)) for ep in self.servers]
+        self._failed: list[XdlError] = []
+        self.closed = False
+        self._finalizer = weakref.finalize(self, Transport._finalize, self.ctx, self.conns)
+
+    # ------------------------------------------------------------ sockets
+    def _open(self, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        return sock
+
+    def _reconnect(self, conn: ShardConnection) -> None:
+        conn.socket.close(0)
+        conn.socket = self._open(conn.endpoint)
+        for seq in sorted(conn.pending):
+            p = conn.pending[seq]
+            p.attempts += 1
+            p.sent_at = time.monotonic()
+            conn.socket.send_multipart(p.frames, copy=False)
+
+    @staticmethod
+    def _finalize(ctx: zmq.Context, conns: list[ShardConnection]) -> None:
+        for c in conns:
+            c.socket.close(0)
+        ctx.term()
+
+    def has_pending(self) -> bool:
+        """Whether any request is still unanswered."""
+        return any(c.pending for c in self.conns)
+
+    def close(self) -> None:
+        """Close every socket (``LINGER 0``) and the context; later sends raise."""
+        self.closed = True
+        self._finalizer()
+
+    # ------------------------------------------------------------ requests
+    def send(self, k: int, command: bytes, header: Mapping[str, Any],
+             arrays: Mapping[str, np.ndarray] | None = None) -> int:
+        """Send one request to shard ``k`` without waiting; returns its seq.
+
+        The arrays travel without copies and are kept for resends until the reply
+        arrives: they must not be changed by anyone meanwhile. Hold :attr:`lock`.
+        """
+        if self.closed:
+            raise XdlError("client is closed")
+        seq = next(self._seq)
+        h = {"cid": self.client_id, "inc": self.incarnation, "seq": seq, **header}
+        frames = codec.encode(command, h, arrays)
+        conn = self.conns[k]
+        label = header.get("table") or header.get("name")
+        conn.pending[seq] = _Pending(frames, command, label if isinstance(label, str) else None,
+                                     time.monotonic())
+        conn.socket.send_multipart(frames, copy=False)
+        return seq
+
+    def track(self, sent: Iterable[tuple[int, int]]) -> Ticket:
+        """Mark sent requests as asynchronous and return their :class:`Ticket`.
+
+        Their replies are consumed later; a refusal is raised by the next call.
+        """
+        seqs = tuple(sent)
+        for k, seq in seqs:
+            self.conns[k].orphans.add(seq)
+        return Ticket(seqs)
+
+    def _receive(self, conn: ShardConnection) -> None:
+        frames = conn.socket.recv_multipart(copy=False)
+        try:
+            _, header, arrays = codec.decode(frames)
+        except XdlError as exc:
+            log.warning("undecodable reply from %s: %s", conn.endpoint, exc)
+            return
+        seq = header.get("seq")
+        if not isinstance(seq, int):
+            log.warning("reply without a seq from %s", conn.endpoint)
+            return
+        p = conn.pending.pop(seq, None)
+        if p is None:
+            return  # a late duplicate of something already answered
+        if seq in conn.orphans:
+            conn.orphans.discard(seq)
+            if not header.get("ok"):
+                self._failed.append(self._error(conn, p, header))
+            return
+        conn.done[seq] = (header, arrays)
+
+    @staticmethod
+    def _error(conn: ShardConnection, p: _Pending | None, header: dict[str, Any]) -> XdlError:
+        return error_from_code(str(header.get("code")), str(header.get("message")),
+                               endpoint=conn.endpoint,
+                               table=header.get("table") or (p.table if p else None))
+
+    def _collect(self, wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Reply]:
+        """Wait for the replies of ``(shard, seq)`` requests, retrying silent shards."""
+        wanted = list(wanted)
+        out: dict[tuple[int, int], Reply] = {}
+        poller = zmq.Poller()
+        while True:
+            missing = []
+            for k, seq in wanted:
+                if (k, seq) in out:
+                    continue
+                conn = self.conns[k]
+                if seq in conn.done:
+                    out[(k, seq)] = conn.done.pop(seq)
+                elif seq in conn.pending:
+                    missing.append((k, seq))
+                else:
+                    raise XdlError(f"request {seq} to {conn.endpoint} is unknown to this client")
+            if not missing:
+                return out
+            shards = sorted({k for k, _ in missing})
+            oldest = min(self.conns[k].pending[s].sent_at for k, s in missing)
+            wait_ms = int(max(0.0, (oldest + self.timeout - time.monotonic()) * 1e3)) + 1
+            if len(shards) == 1:  # one socket: poll it directly, no Poller
+                conn = self.conns[shards[0]]
+                if conn.socket.poll(wait_ms, zmq.POLLIN):
+                    self._receive(conn)
+                    while conn.socket.poll(0, zmq.POLLIN):
+                        self._receive(conn)
+            else:
+                for k in shards:
+                    poller.register(self.conns[k].socket, zmq.POLLIN)
+                events = dict(poller.poll(wait_ms))
+                for k in shards:
+                    conn = self.conns[k]
+                    if conn.socket in events:
+                        while conn.socket.poll(0, zmq.POLLIN):
+                            self._receive(conn)
+                    poller.unregister(conn.socket)
+            self._retry_late(shards, missing)
+
+    def _retry_late(self, shards: list[int], missing: list[tuple[int, int]]) -> None:
+        now = time.monotonic()
+        for k in shards:
+            conn = self.conns[k]
+            late = [s for kk, s in missing if kk == k and s in conn.pending
+                    and now - conn.pending[s].sent_at >= self.timeout]
+            if not late:
+                continue
+            p = conn.pending[late[0]]
+            if p.attempts >= self.retries:
+                raise ServerUnavailableError(
+                    f"no reply to {p.command.decode()} after {p.attempts + 1} attempts of "
+                    f"{self.timeout:g} s; is the shard running?", endpoint=conn.endpoint,
+                    table=p.table)
+            log.warning("shard %s silent for %.1f s; reconnecting (attempt %d of %d)",
+                        conn.endpoint, self.timeout, p.attempts + 1, self.retries)
+            self._reconnect(conn)
+
+    def raise_failed(self) -> None:
+        """Raise the first refusal of an asynchronous request not raised yet, if any."""
+        if self._failed:
+            exc = self._failed.pop(0)
+            self._failed.clear()
+            raise exc
+
+    def results(self, sent: Sequence[tuple[int, int]]) -> list[Reply]:
+        """Replies of ``(shard, seq)`` requests, in order; raises the first refusal."""
+        replies = self._collect(sent)
+        out = []
+        for key in sent:
+            header, arrays = replies[key]
+            if not header.get("ok"):
+                raise self._error(self.conns[key[0]], None, header)
+            out.append((header, arrays))
+        return out
+
+    def call_all(self, command: bytes, header: Mapping[str, Any]) -> list[Reply]:
+        """Send one request to every shard at once and return their replies in shard order."""
+        with self.lock:
+            self.raise_failed()
+            sent = [(k, self.send(k, command, header)) for k in range(self.num_shards)]
+            return self.results(sent)
+
+    def call_one(self, k: int, command: bytes, header: Mapping[str, Any],
+                 arrays: Mapping[str, np.ndarray] | None = None) -> Reply:
+        """Send one request to shard ``k`` and return its reply."""
+        with self.lock:
+            self.raise_failed()
+            return self.results([(k, self.send(k, command, header, arrays))])[0]
+
+    # ------------------------------------------------------------ asynchronous requests
+    def throttle(self) -> None:
+        """Bound the memory held by unanswered asynchronous requests: wait for the oldest."""
+        for k, conn in enumerate(self.conns):
+            if len(conn.orphans) > MAX_INFLIGHT_PUSHES:
+                oldest = sorted(conn.orphans)[: len(conn.orphans) - MAX_INFLIGHT_PUSHES // 2]
+                self._settle([(k, s) for s in oldest])
+
+    def _settle(self, keys: Iterable[tuple[int, int]]) -> None:
+        keys = [(k, s) for k, s in keys if s in self.conns[k].pending]
+        for k, s in keys:
+            self.conns[k].orphans.discard(s)
+        self.results(keys)
+
+    def wait(self, ticket: Ticket | None = None) -> None:
+        """Block until ``ticket``'s requests (default: every asynchronous one) are answered.
+
+        Raises the shard's error if one of them was refused.
+        """
+        with self.lock:
+            if ticket is None:
+                keys = [(k, s) for k, c in enumerate(self.conns) for s in list(c.orphans)]
+            else:
+                keys = list(ticket.seqs)
+            self._settle(keys)
+            self.raise_failed()
