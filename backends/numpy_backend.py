@@ -7,12 +7,12 @@ carry, so the other backends can be checked against it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from xdl.backend import Backend, BagPlan, LookupPlan, SparseClient
+from xdl.backend import Backend, BagPlan, LookupPlan, OnGrad
 from xdl.hookspecs import hookimpl
 
 
@@ -49,17 +49,9 @@ class NumpyBackend(Backend):
         """``a`` itself."""
         return a
 
-    def pull_rows(
-        self,
-        client: SparseClient,
-        table: str,
-        unique_ids: np.ndarray,
-        *,
-        rows: np.ndarray | None = None,
-        on_push: Callable[[Any], None] | None = None,
-    ) -> np.ndarray:
-        """Rows of ``unique_ids`` (pulled unless given); no backward pass in numpy."""
-        return client.pull(table, unique_ids) if rows is None else rows
+    def differentiable_rows(self, rows: np.ndarray, on_grad: OnGrad) -> np.ndarray:
+        """``rows`` themselves: numpy has no backward pass, ``on_grad`` is never called."""
+        return rows
 
     def gather(self, t: Any, index: np.ndarray) -> np.ndarray:
         """``t[index]``."""

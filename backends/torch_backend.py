@@ -1,4 +1,5 @@
-"""The PyTorch backend: tensor primitives and the differentiable pull of embedding rows.
+"""The PyTorch backend: tensor primitives, the differentiable "rows in, row gradients
+out" op, and the end of the backward pass as the flush point of a step's gradients.
 
 torch is imported on first use, never when this plugin is imported (the plugin manager
 imports every built-in plugin).
@@ -7,105 +8,44 @@ imports every built-in plugin).
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from xdl.backend import Backend, SparseClient
+from xdl.backend import Backend, OnGrad
 from xdl.hookspecs import hookimpl
-from xdl.sharding import add_rows
 
-_pull_function: Any = None
+_rows_function: Any = None
 
 
 def _torch() -> Any:
     return TorchBackend.framework_module()
 
 
-def _writable(a: np.ndarray) -> np.ndarray:
-    # rows decoded from a message may be read-only buffers; torch wants writable memory
-    a = np.asarray(a, dtype=np.float32)
-    return a if a.flags.writeable and a.flags.c_contiguous else np.array(a, dtype=np.float32)
-
-
-class _PendingGrads(threading.local):
-    """Row gradients of the running backward pass, per (client, table)."""
-
-    def __init__(self) -> None:
-        self.by_table: dict[tuple[int, str], list[tuple[Any, np.ndarray, np.ndarray,
-                                                        Callable[[Any], None] | None]]] = {}
-
-
-_pending = _PendingGrads()
-
-
-def _defer_push(client: SparseClient, table: str, ids: np.ndarray, grads: np.ndarray,
-                on_push: Callable[[Any], None] | None) -> None:
-    """Collect a lookup's row gradients; one push per table when the backward pass ends.
-
-    A table looked up several times in one step (DIN's item table: target and history)
-    must get one push of the summed gradient, as a local optimizer sees one gradient;
-    two pushes would apply Adagrad or Adam twice.
-    """
-    # flushing is idempotent; queueing per lookup also recovers from an interrupted pass
-    _torch().autograd.Variable._execution_engine.queue_callback(flush_pushes)
-    _pending.by_table.setdefault((id(client), table), []).append((client, ids, grads, on_push))
-
-
-def merge_rows(ids: list[np.ndarray], grads: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate row gradients and sum those of the same id: ``(unique ids, grads)``."""
-    if len(ids) == 1:
-        return ids[0], grads[0]
-    all_ids = np.concatenate(ids)
-    unique, inverse = np.unique(all_ids, return_inverse=True)
-    summed = np.zeros((len(unique), grads[0].shape[1]), dtype=np.float32)
-    add_rows(summed, inverse, np.concatenate(grads))
-    return unique, summed
-
-
-def flush_pushes() -> None:
-    """Push the gradients collected during the backward pass that just ended."""
-    by_table, _pending.by_table = _pending.by_table, {}
-    for (_, table), parts in by_table.items():
-        client = parts[0][0]
-        ids, grads = merge_rows([p[1] for p in parts], [p[2] for p in parts])
-        ticket = client.push(table, ids, grads)
-        for callback in {id(p[3]): p[3] for p in parts if p[3] is not None}.values():
-            callback(ticket)
-
-
-def pull_function() -> Any:
-    """The ``torch.autograd.Function`` behind :meth:`TorchBackend.pull_rows` (built once).
-
-    Forward returns the pulled rows of the unique ids; backward hands their gradient
-    (torch has already summed the gradients of repeated ids through the inverse-index
-    gather) to one push per table at the end of the backward pass, and returns no
-    gradient for its inputs.
-    """
-    global _pull_function
-    if _pull_function is None:
+def rows_function() -> Any:
+    """The ``torch.autograd.Function`` behind :meth:`TorchBackend.differentiable_rows`
+    (built once): forward returns the rows, backward hands their gradient (torch has
+    already summed the gradients of repeated ids through the inverse-index gather) to
+    ``on_grad`` and returns no gradient for its inputs."""
+    global _rows_function
+    if _rows_function is None:
         torch = _torch()
 
-        class PullRows(torch.autograd.Function):  # type: ignore[name-defined,misc]
+        class Rows(torch.autograd.Function):  # type: ignore[name-defined,misc]
             @staticmethod
-            def forward(ctx: Any, anchor: Any, client: SparseClient, table: str,
-                        unique_ids: np.ndarray, rows: np.ndarray,
-                        on_push: Callable[[Any], None] | None) -> Any:
-                ctx.client, ctx.table, ctx.unique_ids, ctx.on_push = (
-                    client, table, unique_ids, on_push)
+            def forward(ctx: Any, anchor: Any, rows: np.ndarray, on_grad: OnGrad) -> Any:
+                ctx.on_grad = on_grad
                 return torch.from_numpy(rows)
 
             @staticmethod
             def backward(ctx: Any, grad: Any) -> tuple[None, ...]:
-                grads = np.ascontiguousarray(grad.detach().cpu().numpy(), dtype=np.float32)
-                if len(ctx.unique_ids):
-                    _defer_push(ctx.client, ctx.table, ctx.unique_ids, grads, ctx.on_push)
-                return (None,) * 6
+                ctx.on_grad(np.ascontiguousarray(grad.detach().cpu().numpy(),
+                                                 dtype=np.float32))
+                return (None,) * 3
 
-        _pull_function = PullRows
-    return _pull_function
+        _rows_function = Rows
+    return _rows_function
 
 
 class TorchBackend(Backend):
@@ -131,24 +71,18 @@ class TorchBackend(Backend):
             a = a.copy()
         return _torch().from_numpy(a)
 
-    def pull_rows(
-        self,
-        client: SparseClient,
-        table: str,
-        unique_ids: np.ndarray,
-        *,
-        rows: np.ndarray | None = None,
-        on_push: Callable[[Any], None] | None = None,
-    ) -> Any:
-        """Rows ``[U, dim]`` of ``unique_ids``; when grad is enabled, backward pushes."""
+    def differentiable_rows(self, rows: np.ndarray, on_grad: OnGrad) -> Any:
+        """A CPU tensor of ``rows``; when grad is enabled, backward calls ``on_grad``."""
         torch = _torch()
-        if rows is None:
-            rows = client.pull(table, unique_ids)
-        rows = _writable(rows)
         if not torch.is_grad_enabled():
             return torch.from_numpy(rows)
         anchor = torch.empty(0, requires_grad=True)  # makes autograd call backward
-        return pull_function().apply(anchor, client, table, unique_ids, rows, on_push)
+        return rows_function().apply(anchor, rows, on_grad)
+
+    def schedule_flush(self, callback: Callable[[], None]) -> bool:
+        """Queue ``callback`` on torch's autograd engine: it runs when backward ends."""
+        _torch().autograd.Variable._execution_engine.queue_callback(callback)
+        return True
 
     def _index(self, index: np.ndarray) -> Any:
         return _torch().from_numpy(np.ascontiguousarray(index, dtype=np.int64))

@@ -21,17 +21,30 @@ _EXPORTS = {
     "Backend": "xdl.backend",
     "get_plugin_manager": "xdl.plugins",
     "get_backend": "xdl.plugins",
-    "swap": "xdl.adapters.torch_nn",
-    "unswap": "xdl.adapters.torch_nn",
-    "torch_wrapper": "xdl.adapters.torch_nn",
+    "load_plugin": "xdl.plugins",
+    # the framework-neutral core
+    "RemoteTable": "xdl.lookup",
+    "GradientBuffer": "xdl.gradients",
+    "DenseSync": "xdl.dense",
+    "LayerAdapter": "xdl.surgery",
+    "LayerSpec": "xdl.surgery",
+    "swap": "xdl.surgery",
+    "unswap": "xdl.surgery",
+    "wrapper": "xdl.wrapper",
+    "torch_wrapper": "xdl.wrapper",
+    "tf_wrapper": "xdl.wrapper",
+    "mxnet_wrapper": "xdl.wrapper",
+    "embedding": "xdl.wrapper",
+    "Lookup": "xdl.wrapper",
+    "prefetch_batches": "xdl.wrapper",
+    # PyTorch modules (import torch on first use)
     "DistributedEmbedding": "xdl.adapters.torch_nn",
     "DistributedEmbeddingBag": "xdl.adapters.torch_nn",
     "ServerDenseOptimizer": "xdl.adapters.torch_nn",
     "prefetch": "xdl.adapters.torch_nn",
-    "Lookup": "xdl.adapters.torch_nn",
-    "load_plugin": "xdl.plugins",
 }
-_SUBMODULES = {"init", "optim", "errors", "protocol", "codec", "sharding", "datasets", "metrics"}
+_SUBMODULES = {"init", "optim", "errors", "protocol", "codec", "sharding", "datasets", "metrics",
+               "lookup", "gradients", "dense", "surgery", "backend", "plugins", "dedup"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

@@ -1,209 +1,67 @@
-"""The framework backend base class and the framework-neutral lookup core.
+"""The framework backend base class: the primitives a framework supplies, and the lookup
+written once on top of them.
 
-A backend (one per framework, see :mod:`xdl.backends`) implements a handful of tensor
-primitives (convert, gather, scale, segment-sum, and the differentiable pull of unique
-rows). Everything else, written once here, is plain numpy on the ids:
+A backend (one per framework, see :mod:`xdl.backends`) implements primitives only:
 
-* de-duplication (``np.unique(return_inverse=True)``): each id is pulled and pushed
-  once per step; the inverse index gathers rows back inside the framework, so the
-  framework's own autograd sums the gradients of repeated ids;
-* padding ids, offsets (as ``nn.EmbeddingBag``) or padded 2-D ids → bag index per id;
-* combiner coefficients for ``sum`` / ``mean`` / ``sqrtn``.
+* ``is_tensor`` / ``to_numpy`` / ``from_numpy``: tell its tensors apart, convert;
+* ``differentiable_rows(rows, on_grad)``: "rows in, row gradients out": a tensor holding
+  ``rows`` whose backward pass calls ``on_grad`` with its gradient as numpy;
+* ``schedule_flush(callback)``: the point where a step's gradients are complete (torch:
+  the end of the backward pass); optional, the core otherwise flushes before the next
+  pull of a table;
+* ``gather`` / ``append_zero_row`` / ``scale_rows`` / ``segment_sum`` / ``reshape``:
+  the differentiable tensor ops the lookup and the combiners are made of;
+* optionally, graph mode through host callbacks (:attr:`Backend.host_callbacks`): a
+  backend whose ids may be symbolic (``tf.function``, hybridized Gluon) calls
+  :meth:`xdl.lookup.RemoteTable.lookup` and :meth:`~xdl.lookup.RemoteTable.add_gradients`
+  from inside the graph (``tf.numpy_function``, a custom operator).
+
+Everything else (id checks, de-duplication, the inverse index, padding, bags and
+combiner weights, prefetch, the gradient buffer) is numpy in :mod:`xdl.lookup` and
+:mod:`xdl.gradients`, written once.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from .errors import BackendNotAvailableError, InvalidArgumentError
+from .gradients import OnPush, default_buffer
+from .lookup import (
+    COMBINERS,
+    BagPlan,
+    LookupPlan,
+    PushLog,
+    SparseClient,
+    as_ids,
+    plan_bags,
+    plan_lookup,
+)
 
-#: combiners understood by :meth:`Backend.combine`.
-COMBINERS = ("sum", "mean", "sqrtn")
+if TYPE_CHECKING:
+    from .lookup import RemoteTable
 
+#: ``on_grad(grad)``: receives the gradient of a :meth:`Backend.differentiable_rows`
+#: tensor, float32 numpy ``[U, dim]``, during the backward pass.
+OnGrad = Callable[[np.ndarray], None]
 
-class SparseClient(Protocol):
-    """What the lookup core needs from a parameter-server client (``xdl.Client``)."""
-
-    def pull(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Rows of ``ids`` in table ``name``, float32 ``[len(ids), dim]``."""
-        ...
-
-    def push(self, name: str, ids: np.ndarray, grads: np.ndarray) -> Any:
-        """Push gradients of unique ``ids``; returns a ticket."""
-        ...
-
-    def wait(self, ticket: Any = None) -> Any:
-        """Block until ``ticket`` (or every outstanding push) is acknowledged."""
-        ...
-
-
-class PushLog(Protocol):
-    """Optional part of a client (``xdl.Client`` has it): which ids were pushed when.
-
-    Exact prefetch uses it to re-pull only the prefetched rows a later push touched; a
-    client without it gets every prefetched row pulled again before use.
-    """
-
-    def push_mark(self, table: str) -> int:
-        """Number of pushes to ``table`` issued so far (all already sent)."""
-        ...
-
-    def pushed_since(self, table: str, mark: int) -> np.ndarray | None:
-        """Sorted unique ids pushed to ``table`` after ``mark``; None if unknown."""
-        ...
-
-
-class PushTracker:
-    """Outstanding push tickets per table, so a later pull can wait for them.
-
-    Pushes are asynchronous. Waiting for a table's pushes before its next pull makes
-    training through the server step-for-step identical to local training. A prefetch
-    skips the wait and lets the next pull overlap the push; an exact prefetch then
-    re-pulls the rows the push touched (see :class:`PushLog`), a stale one is at most
-    one step behind.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: dict[str, list[Any]] = {}
-
-    def add(self, table: str, ticket: Any) -> None:
-        """Remember ``ticket`` as an outstanding push to ``table``."""
-        if ticket is None:
-            return
-        with self._lock:
-            self._pending.setdefault(table, []).append(ticket)
-
-    def wait(self, client: SparseClient, table: str | None = None) -> None:
-        """Wait for the outstanding pushes to ``table`` (every table when None)."""
-        with self._lock:
-            if table is None:
-                tickets = [t for ts in self._pending.values() for t in ts]
-                self._pending.clear()
-            else:
-                tickets = self._pending.pop(table, [])
-        for ticket in tickets:
-            client.wait(ticket)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(ts) for ts in self._pending.values())
-
-
-@dataclass(frozen=True)
-class LookupPlan:
-    """De-duplicated ids of one lookup.
-
-    ``rows_ext = rows(unique_ids)`` plus, when ``has_padding``, one zero row appended
-    at index ``len(unique_ids)``; ``rows_ext[inverse]`` is the lookup of every id.
-    """
-
-    unique_ids: np.ndarray  #: int64 [U], sorted, without the padding id
-    inverse: np.ndarray  #: int64 [n]: row of each (flattened) id in ``rows_ext``
-    shape: tuple[int, ...]  #: the ids' shape
-    has_padding: bool  #: whether some id is the padding id (→ zero row)
-
-
-@dataclass(frozen=True)
-class BagPlan:
-    """How the ids of a bag lookup combine into ``num_bags`` bags."""
-
-    lookup: LookupPlan  #: plan over the kept ids only (padding ids dropped)
-    kept: np.ndarray  #: int64 [k]: position of each kept id in the flattened input
-    bag: np.ndarray  #: int64 [k]: bag of each kept id
-    coef: np.ndarray | None  #: float32 [k] combiner weight (None: all ones, ``sum``)
-    num_bags: int
-
-
-def as_ids(ids: Any) -> np.ndarray:
-    """Ids as a contiguous int64 numpy array (framework tensors via ``numpy()``)."""
-    if hasattr(ids, "detach"):  # torch tensor; avoids importing torch here
-        ids = ids.detach().cpu().numpy()
-    elif hasattr(ids, "numpy") and not isinstance(ids, np.ndarray):
-        ids = ids.numpy()
-    arr = np.asarray(ids)
-    if arr.dtype.kind not in "iu":
-        raise InvalidArgumentError(f"ids must be integers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-def plan_lookup(ids: np.ndarray, padding_idx: int | None = None) -> LookupPlan:
-    """De-duplicate ``ids`` once; ids equal to ``padding_idx`` map to a zero row."""
-    flat = ids.reshape(-1)
-    unique, inverse = np.unique(flat, return_inverse=True)
-    inverse = inverse.reshape(-1).astype(np.int64, copy=False)
-    has_padding = False
-    if padding_idx is not None:
-        pos = int(np.searchsorted(unique, padding_idx))
-        if pos < len(unique) and unique[pos] == padding_idx:
-            has_padding = True
-            unique = np.delete(unique, pos)
-            # ids after the padding id move down one row; the padding id → the zero row
-            is_pad = inverse == pos
-            inverse = inverse - (inverse > pos)
-            inverse[is_pad] = len(unique)
-    return LookupPlan(unique.astype(np.int64, copy=False), inverse, tuple(ids.shape), has_padding)
-
-
-def plan_bags(
-    ids: np.ndarray,
-    offsets: np.ndarray | None = None,
-    *,
-    mode: str = "sum",
-    padding_idx: int | None = None,
-    include_last_offset: bool = False,
-) -> BagPlan:
-    """Bag layout of ``ids``: 1-D ids with ``offsets`` (``nn.EmbeddingBag`` style) or
-    2-D padded ids ``[bags, length]`` (each row one bag; ``padding_idx`` entries dropped).
-
-    ``mean`` divides by the number of kept ids of the bag, ``sqrtn`` by its square root;
-    an empty bag is all zeros.
-    """
-    if mode not in COMBINERS:
-        raise InvalidArgumentError(f"combiner must be one of {COMBINERS}, got {mode!r}")
-    if ids.ndim == 2:
-        if offsets is not None:
-            raise InvalidArgumentError("offsets must be None when ids are 2-D (padded bags)")
-        num_bags, length = ids.shape
-        bag = np.repeat(np.arange(num_bags, dtype=np.int64), length)
-    elif ids.ndim == 1:
-        if offsets is None:
-            raise InvalidArgumentError("1-D ids need offsets (start of each bag)")
-        offsets = as_ids(offsets).reshape(-1)
-        n = len(ids)
-        if include_last_offset:
-            if len(offsets) < 1 or offsets[-1] != n:
-                raise InvalidArgumentError(
-                    f"with include_last_offset the last offset must equal len(ids) = {n}")
-            offsets = offsets[:-1]
-        if len(offsets) == 0 or offsets[0] != 0:
-            raise InvalidArgumentError("offsets must start with 0")
-        if np.any(np.diff(offsets) < 0) or offsets[-1] > n:
-            raise InvalidArgumentError(
-                f"offsets must be non-decreasing and <= len(ids) = {n}")
-        num_bags = len(offsets)
-        bag = np.searchsorted(offsets, np.arange(n, dtype=np.int64), side="right") - 1
-    else:
-        raise InvalidArgumentError(f"bag ids must be 1-D or 2-D, got shape {ids.shape}")
-    flat = ids.reshape(-1)
-    if padding_idx is not None:
-        kept = np.flatnonzero(flat != padding_idx)
-        flat, bag = flat[kept], bag[kept]
-    else:
-        kept = np.arange(len(flat), dtype=np.int64)
-    coef: np.ndarray | None = None
-    if mode != "sum":
-        counts = np.bincount(bag, minlength=num_bags).astype(np.float32)
-        norm = counts if mode == "mean" else np.sqrt(counts)
-        coef = (1.0 / norm[bag]).astype(np.float32)
-    return BagPlan(plan_lookup(flat), kept, bag.astype(np.int64), coef, int(num_bags))
+__all__ = [
+    "COMBINERS",
+    "Backend",
+    "BagPlan",
+    "LookupPlan",
+    "OnGrad",
+    "PushLog",
+    "SparseClient",
+    "as_ids",
+    "plan_bags",
+    "plan_lookup",
+]
 
 
 class Backend:
@@ -251,6 +109,11 @@ class Backend:
             return False
         return True
 
+    #: capability: graph mode through host callbacks (``tf.function``, hybridized
+    #: Gluon), where ids are symbolic and the lookup runs as a callback into Python
+    #: that calls :meth:`xdl.lookup.RemoteTable.lookup` / ``add_gradients``.
+    host_callbacks: ClassVar[bool] = False
+
     # --- primitives each backend implements ---------------------------------------------
 
     def is_tensor(self, obj: Any) -> bool:
@@ -265,20 +128,24 @@ class Backend:
         """A tensor sharing ``a``'s memory where the framework allows."""
         raise NotImplementedError
 
-    def pull_rows(
-        self,
-        client: SparseClient,
-        table: str,
-        unique_ids: np.ndarray,
-        *,
-        rows: np.ndarray | None = None,
-        on_push: Callable[[Any], None] | None = None,
-    ) -> Any:
-        """Differentiable rows of ``unique_ids`` ``[U, dim]``: the forward pass pulls them
-        (or uses the already pulled ``rows``), the backward pass pushes their gradient
-        and hands the push's ticket to ``on_push``.
+    def differentiable_rows(self, rows: np.ndarray, on_grad: OnGrad) -> Any:
+        """"Rows in, row gradients out": a tensor holding ``rows`` (``float32 [U, dim]``)
+        that takes part in autograd; its backward pass calls ``on_grad(grad)`` with the
+        gradient as float32 numpy ``[U, dim]`` and returns no gradient to any input.
+        Outside training (no gradient recorded) a plain tensor is fine. A framework
+        without autograd returns the rows as a tensor and never calls ``on_grad``.
         """
         raise NotImplementedError
+
+    def schedule_flush(self, callback: Callable[[], None]) -> bool:
+        """Arrange for ``callback()`` to run once the running backward pass has ended.
+
+        Called from inside ``on_grad`` (so during a backward pass). Return False when
+        the framework has no such point (the default): the core then pushes a step's
+        gradients before the next pull of each table and on ``wait_pushes`` / ``close``,
+        which is just as exact, only later.
+        """
+        return False
 
     def gather(self, t: Any, index: np.ndarray) -> Any:
         """``t[index]`` along the first axis (differentiable)."""
@@ -302,6 +169,68 @@ class Backend:
 
     # --- the core, written once ---------------------------------------------------------
 
+    def ids_to_numpy(self, ids: Any) -> np.ndarray:
+        """Ids (a tensor of this framework, an array or a sequence) as numpy."""
+        return self.to_numpy(ids) if self.is_tensor(ids) else np.asarray(ids)
+
+    def rows_tensor(self, remote: RemoteTable, unique_ids: np.ndarray, rows: np.ndarray) -> Any:
+        """Differentiable rows of ``unique_ids`` whose gradient goes to ``remote``'s
+        gradient buffer, flushed at this backend's flush point."""
+        client = remote.client
+
+        def on_grad(grad: np.ndarray) -> None:
+            remote.add_gradients(unique_ids, grad)
+            self.schedule_flush(lambda: remote.buffer.flush(client))
+
+        return self.differentiable_rows(_writable(rows), on_grad)
+
+    def lookup(self, remote: RemoteTable, ids: Any) -> Any:
+        """Differentiable lookup of ``ids`` (any shape) in ``remote`` →
+        ``ids.shape + (dim,)``; padding ids give zeros and no gradient."""
+        plan, rows = remote.lookup(self.ids_to_numpy(ids))
+        return self.place(self.rows_tensor(remote, plan.unique_ids, rows), plan)
+
+    def lookup_bags(self, remote: RemoteTable, ids: Any, offsets: Any = None, *,
+                    combiner: str = "sum", per_sample_weights: Any = None,
+                    include_last_offset: bool = False) -> Any:
+        """Differentiable bag lookup in ``remote`` (``nn.EmbeddingBag`` semantics) →
+        ``[bags, dim]``; see :func:`xdl.lookup.plan_bags` for the layouts."""
+        plan, rows = remote.lookup_bags(
+            self.ids_to_numpy(ids), None if offsets is None else self.ids_to_numpy(offsets),
+            combiner=combiner, include_last_offset=include_last_offset)
+        unique_rows = self.rows_tensor(remote, plan.lookup.unique_ids, rows)
+        return self.combine(unique_rows, plan, per_sample_weights=per_sample_weights)
+
+    def place(self, unique_rows: Any, plan: LookupPlan) -> Any:
+        """Rows of every looked-up id, ``plan.shape + (dim,)``, from the unique rows."""
+        if plan.has_padding:
+            unique_rows = self.append_zero_row(unique_rows)
+        out = self.gather(unique_rows, plan.inverse)
+        return self.reshape(out, (*plan.shape, -1))
+
+    def pull_rows(
+        self,
+        client: SparseClient,
+        table: str,
+        unique_ids: np.ndarray,
+        *,
+        rows: np.ndarray | None = None,
+        on_push: OnPush | None = None,
+    ) -> Any:
+        """Differentiable rows of ``unique_ids`` ``[U, dim]`` without a
+        :class:`~xdl.lookup.RemoteTable`: pulled unless given; their gradient goes to the
+        process-wide gradient buffer and ``on_push`` gets the push's ticket."""
+        if rows is None:
+            rows = client.pull(table, unique_ids, unique=True)
+        buffer = default_buffer()
+
+        def on_grad(grad: np.ndarray) -> None:
+            if len(unique_ids):
+                buffer.add(client, table, unique_ids, grad, on_push=on_push)
+                self.schedule_flush(lambda: buffer.flush(client))
+
+        return self.differentiable_rows(_writable(rows), on_grad)
+
     def embedding(
         self,
         client: SparseClient,
@@ -310,32 +239,18 @@ class Backend:
         *,
         padding_idx: int | None = None,
         rows: np.ndarray | None = None,
-        on_push: Callable[[Any], None] | None = None,
+        on_push: OnPush | None = None,
     ) -> Any:
-        """Differentiable lookup of ``ids`` (any shape) → ``ids.shape + (dim,)``.
+        """Differentiable lookup of ``ids`` (any shape) → ``ids.shape + (dim,)``, straight
+        on a client and table (no id range check, no prefetch; see :meth:`lookup`).
 
         Ids are de-duplicated once; ids equal to ``padding_idx`` give zeros and no
         gradient. ``rows``, when given, are the already pulled rows of the plan's
-        unique ids (prefetch).
+        unique ids.
         """
-        plan = plan_lookup(as_ids(ids), padding_idx)
-        return self.embedding_from_plan(client, table, plan, rows=rows, on_push=on_push)
-
-    def embedding_from_plan(
-        self,
-        client: SparseClient,
-        table: str,
-        plan: LookupPlan,
-        *,
-        rows: np.ndarray | None = None,
-        on_push: Callable[[Any], None] | None = None,
-    ) -> Any:
-        """:meth:`embedding` for an already computed :class:`LookupPlan`."""
+        plan = plan_lookup(as_ids(self.ids_to_numpy(ids)), padding_idx)
         unique_rows = self.pull_rows(client, table, plan.unique_ids, rows=rows, on_push=on_push)
-        if plan.has_padding:
-            unique_rows = self.append_zero_row(unique_rows)
-        out = self.gather(unique_rows, plan.inverse)
-        return self.reshape(out, (*plan.shape, -1))
+        return self.place(unique_rows, plan)
 
     def embedding_bag(
         self,
@@ -349,15 +264,18 @@ class Backend:
         per_sample_weights: Any = None,
         include_last_offset: bool = False,
         rows: np.ndarray | None = None,
-        on_push: Callable[[Any], None] | None = None,
+        on_push: OnPush | None = None,
     ) -> Any:
-        """Differentiable bag lookup (``nn.EmbeddingBag`` semantics) → ``[bags, dim]``.
+        """Differentiable bag lookup (``nn.EmbeddingBag`` semantics) → ``[bags, dim]``,
+        straight on a client and table (see :meth:`lookup_bags`).
 
-        See :func:`plan_bags` for the layouts; ``per_sample_weights`` (same shape as
-        ``ids``) only with ``mode="sum"``.
+        ``mode`` is the combiner (torch's name); see :func:`plan_bags` for the layouts;
+        ``per_sample_weights`` (same shape as ``ids``) only with ``mode="sum"``.
         """
-        plan = plan_bags(as_ids(ids), None if offsets is None else as_ids(offsets), mode=mode,
-                         padding_idx=padding_idx, include_last_offset=include_last_offset)
+        plan = plan_bags(as_ids(self.ids_to_numpy(ids)),
+                         None if offsets is None else as_ids(self.ids_to_numpy(offsets)),
+                         mode=mode, padding_idx=padding_idx,
+                         include_last_offset=include_last_offset)
         unique_rows = self.pull_rows(client, table, plan.lookup.unique_ids, rows=rows,
                                      on_push=on_push)
         return self.combine(unique_rows, plan, per_sample_weights=per_sample_weights)
@@ -381,7 +299,13 @@ class Backend:
 
     def expand(self, tensor: Any, indicator: Any) -> Any:
         """Gather group rows to samples: row ``indicator[i]`` of ``tensor`` for sample i."""
-        return self.gather(tensor, as_ids(indicator).reshape(-1))
+        return self.gather(tensor, as_ids(self.ids_to_numpy(indicator)).reshape(-1))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def _writable(rows: np.ndarray) -> np.ndarray:
+    # rows decoded from a message may be read-only buffers; frameworks want writable memory
+    a = np.asarray(rows, dtype=np.float32)
+    return a if a.flags.writeable and a.flags.c_contiguous else np.array(a, dtype=np.float32)

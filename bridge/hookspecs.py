@@ -46,9 +46,13 @@ def xdl_detect_backend(obj: Any) -> Backend | str | None:
 
 @hookspec
 def xdl_register_adapters(register: AdapterRegistry) -> None:
-    """Register adapters: named model-surgery functions (``swap`` / ``unswap`` pairs).
+    """Register adapters: what :func:`xdl.swap` needs to know about a framework's layers.
 
-    :param register: the adapter registry; call ``register.add(name, swap, unswap)``.
+    An adapter is an :class:`xdl.surgery.LayerAdapter`: the backend it operates on, the
+    layer types it replaces, how to list layers with their paths, replace one, and
+    translate its settings to a table spec and back.
+
+    :param register: the adapter registry; call ``register.add(MyAdapter())``.
     """
 
 

@@ -79,7 +79,9 @@ class BackendRegistry:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A reversible model surgery: ``swap(model, client, **options)`` and ``unswap``."""
+    """A model surgery given as a pair of functions (``swap(model, client, **options)``
+    and ``unswap``); listed by ``xdl plugins`` but not used by :func:`xdl.swap`, which
+    dispatches to :class:`~xdl.surgery.LayerAdapter` objects."""
 
     name: str
     swap: Callable[..., Any]
@@ -90,20 +92,44 @@ class AdapterRegistry:
     """Adapters by name, filled by ``xdl_register_adapters(register)``."""
 
     def __init__(self) -> None:
-        self._adapters: dict[str, Adapter] = {}
+        self._adapters: dict[str, Any] = {}
 
-    def add(self, name: str, swap: Callable[..., Any],
+    def add(self, adapter: Any, swap: Callable[..., Any] | None = None,
             unswap: Callable[..., Any] | None = None) -> None:
-        """Register an adapter ``name`` (first registration wins)."""
-        self._adapters.setdefault(name, Adapter(name, swap, unswap))
+        """Register a :class:`~xdl.surgery.LayerAdapter` (an instance, or a subclass
+        instantiated here) under its ``name``; first registration of a name wins.
 
-    def get(self, name: str) -> Adapter:
+        ``add(name, swap, unswap)`` registers a function pair instead (:class:`Adapter`).
+        """
+        from .surgery import LayerAdapter
+
+        if isinstance(adapter, type) and issubclass(adapter, LayerAdapter):
+            adapter = adapter()
+        if isinstance(adapter, LayerAdapter):
+            if not adapter.name or not adapter.backend:
+                raise PluginError(f"adapter {type(adapter).__qualname__} needs a 'name' and "
+                                  "the 'backend' it operates on")
+            self._adapters.setdefault(adapter.name, adapter)
+            return
+        if isinstance(adapter, str) and callable(swap):
+            self._adapters.setdefault(adapter, Adapter(adapter, swap, unswap))
+            return
+        raise PluginError(
+            f"register.add() wants an xdl.surgery.LayerAdapter (or a name and a swap "
+            f"function), got {adapter!r}")
+
+    def get(self, name: str) -> Any:
         """The adapter registered as ``name``."""
         try:
             return self._adapters[name]
         except KeyError:
             raise PluginError(
                 f"no adapter named {name!r}; registered: {sorted(self._adapters)}") from None
+
+    def for_backend(self, backend: str) -> list[Any]:
+        """The :class:`~xdl.surgery.LayerAdapter` objects operating on ``backend``'s
+        models, in registration order."""
+        return [a for a in self._adapters.values() if getattr(a, "backend", None) == backend]
 
     def names(self) -> list[str]:
         """Registered adapter names, sorted."""

@@ -77,14 +77,35 @@ class FakeClient:
                 self.tables[name] = FakeTable(dim, initializer or xdl.init.Zeros(),
                                               optimizer or xdl.optim.SGD(lr=0.01), seed)
 
-    def pull(self, name: str, ids: Any) -> np.ndarray:
+    def describe_table(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            if name not in self.tables:
+                raise xdl.errors.TableNotFoundError(f"no table {name!r}", table=name)
+            table = self.tables[name]
+            return {"dim": table.dim, "rows": len(table.rows), "seed": table.seed}
+
+    def set_rows(self, name: str, ids: Any, rows: Any) -> int:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows = np.asarray(rows, dtype=np.float32)
+        with self._lock:
+            table = self.tables[name]
+            assert rows.shape == (len(ids), table.dim), rows.shape
+            table.rows.update(zip(ids.tolist(), rows.copy(), strict=True))
+            for key in ids.tolist():
+                table.accum.pop(key, None)
+            self._tickets += 1
+            return self._tickets
+
+    def pull(self, name: str, ids: Any, *, unique: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if unique:
+            assert len(np.unique(ids)) == len(ids), "pull(unique=True) ids must be unique"
         with self._lock:
             self.pulls.append((name, ids.copy()))
             unique, inverse = np.unique(ids, return_inverse=True)
             return self.tables[name].get(unique)[inverse.reshape(-1)]
 
-    def push(self, name: str, ids: Any, grads: Any) -> int:
+    def push(self, name: str, ids: Any, grads: Any, *, unique: bool = False) -> int:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         grads = np.asarray(grads, dtype=np.float32)
         assert len(np.unique(ids)) == len(ids), "push ids must be unique"

@@ -57,7 +57,7 @@ def test_bags_match_embedding_bag(client: FakeClient, mode: str, ids: list, offs
                                   kwargs: dict) -> None:
     ref = reference(client, nn.EmbeddingBag, mode=mode, **kwargs)
     ours = xdl.swap(nn.EmbeddingBag(VOCAB, DIM, mode=mode, **kwargs), client,
-                    per_table={"": {"name": "t"}})
+                    per_table={"": {"name": "t"}}, existing="keep")
     assert isinstance(ours, nn.EmbeddingBag)
     t_ids = torch.tensor(ids)
     t_off = None if offsets is None else torch.tensor(offsets)
@@ -77,7 +77,7 @@ def test_per_sample_weights(client: FakeClient) -> None:
     w_ref = torch.tensor([0.5, 2.0, -1.0, 3.0], requires_grad=True)
     w_ours = w_ref.detach().clone().requires_grad_(True)
     ref = reference(client, nn.EmbeddingBag, mode="sum")
-    ours = xdl.swap(nn.EmbeddingBag(VOCAB, DIM, mode="sum"), client, per_table={"": {"name": "t"}})
+    ours = xdl.swap(nn.EmbeddingBag(VOCAB, DIM, mode="sum"), client, per_table={"": {"name": "t"}}, existing="keep")
     expected = ref(ids, offsets, per_sample_weights=w_ref)
     got = ours(ids, offsets, per_sample_weights=w_ours)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
@@ -104,7 +104,7 @@ def test_embedding_matches_nn_embedding(client: FakeClient, padding_idx: int | N
         if ref.padding_idx is not None:
             ref.weight[ref.padding_idx] = 0  # what nn.Embedding does at construction
     ours = xdl.swap(nn.Embedding(VOCAB, DIM, padding_idx=padding_idx), client,
-                    per_table={"": {"name": "t"}})
+                    per_table={"": {"name": "t"}}, existing="keep")
     expected, got = ref(ids), ours(ids)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     upstream = torch.randn_like(expected)
@@ -137,7 +137,9 @@ def test_numpy_reference_matches_torch(client: FakeClient) -> None:
                                atol=1e-6)
     lookup = plan_lookup(ids.reshape(2, 3), padding_idx=9)
     grad = np.ones((6, DIM), np.float32)
-    assert np_backend.embedding_grad(lookup, grad)[:, 0].tolist() == [3.0, 2.0]  # ids 1, 5
+    per_id = dict(zip(lookup.unique_ids.tolist(),
+                      np_backend.embedding_grad(lookup, grad)[:, 0].tolist(), strict=True))
+    assert per_id == {1: 3.0, 5: 2.0}  # uniques come in first-occurrence order
 
 
 def test_bad_bag_layouts_are_refused() -> None:
