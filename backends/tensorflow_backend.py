@@ -1,0 +1,277 @@
+"""The TensorFlow backend: tensor primitives and the differentiable lookup, eager and in
+``tf.function`` (graph mode through host callbacks).
+
+TensorFlow is imported on first use, never when this plugin is imported (the plugin
+manager imports every built-in plugin).
+
+Ids may be symbolic (inside ``tf.function``, Keras ``fit``), so :meth:`lookup` and
+:meth:`lookup_bags` run their numpy part in host callbacks (``tf.numpy_function``), one
+code path in eager and in graph mode. The forward callback asks the core's
+:class:`xdl.lookup.RemoteTable` for the rows of the batch's unique ids and the inverse
+index (for bags also the bag of each id and the combiner's weights); TensorFlow gathers
+and combines them, so its own autograd sums the gradients of repeated ids. A
+``tf.custom_gradient`` around the rows hands their gradient to a second callback, which
+gives it to the table's gradient buffer (:meth:`xdl.lookup.RemoteTable.add_gradients`;
+one push per table per step, before the table's next pull: TensorFlow has no
+end-of-backward hook).
+
+TensorFlow's tape only differentiates towards the sources it is asked for, so the rows
+hang off an *anchor*: a one-element trainable variable (of a Keras layer, of a table
+handle, or the backend's own) whose gradient is always zero, so the user's optimizer
+leaves it at zero. The anchor's gradient depends on the push callback, so the rows'
+gradient is handed over before the optimizer's update runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from xdl.backend import Backend, OnGrad
+from xdl.errors import InvalidArgumentError
+from xdl.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from xdl.lookup import RemoteTable
+
+
+_tf_module: Any = None
+
+
+def _tf() -> Any:
+    # cached: called inside traced functions, where AutoGraph would otherwise try to
+    # convert the import machinery
+    global _tf_module
+    if _tf_module is None:
+        _tf_module = TensorFlowBackend.framework_module()
+    return _tf_module
+
+
+def _float_rows(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _hang_off(anchor: Any, rows: Any, give: Any) -> Any:
+    """``rows`` as a function of ``anchor``: the gradient of the result goes to
+    ``give(grad)`` (a host callback op builder) and ``anchor`` gets zeros."""
+    tf = _tf()
+
+    @tf.custom_gradient
+    def rows_of(a: Any) -> Any:
+        def grad(dy: Any) -> Any:
+            done = give(tf.convert_to_tensor(dy))
+            with tf.control_dependencies([done]):
+                return tf.zeros_like(a)
+
+        return tf.identity(rows), grad
+
+    return rows_of(anchor)
+
+
+def _id_tensor(ids: Any) -> Any:
+    tf = _tf()
+    ids = tf.convert_to_tensor(ids)
+    if not ids.dtype.is_integer:
+        raise InvalidArgumentError(
+            f"ids must be integers, got dtype {ids.dtype.name}; cast them to int64")
+    return ids
+
+
+class TensorFlowBackend(Backend):
+    """Backend for TensorFlow tensors, ``tf.Module`` objects and Keras models."""
+
+    name = "tensorflow"
+    framework = "tensorflow"
+    extra = "tensorflow"
+    host_callbacks = True
+
+    def __init__(self) -> None:
+        self._anchor: Any = None
+        self._lock = threading.Lock()
+
+    # --- primitives ---------------------------------------------------------------------
+
+    def is_tensor(self, obj: Any) -> bool:
+        """Whether ``obj`` is a TensorFlow tensor or variable (TF not imported → False)."""
+        tf = sys.modules.get("tensorflow")
+        return tf is not None and (tf.is_tensor(obj) or isinstance(obj, tf.Variable))
+
+    def to_numpy(self, t: Any) -> np.ndarray:
+        """An eager tensor as numpy (no copy for a CPU tensor)."""
+        return np.asarray(t.numpy() if hasattr(t, "numpy") else t)
+
+    def from_numpy(self, a: np.ndarray) -> Any:
+        """An eager tensor of ``a``."""
+        return _tf().convert_to_tensor(np.asarray(a))
+
+    def anchor(self) -> Any:
+        """The backend's own anchor: a trainable ``tf.Variable([0.])`` that lookups
+        without one of their own hang off (see the module docstring). A tape reaches
+        their rows' gradient only when this variable is among its sources."""
+        with self._lock:
+            if self._anchor is None:
+                tf = _tf()
+                with tf.init_scope():
+                    self._anchor = tf.Variable([0.0], trainable=True, name="xdl_anchor")
+            return self._anchor
+
+    def differentiable_rows(self, rows: np.ndarray, on_grad: OnGrad, *,
+                            anchor: Any = None) -> Any:
+        """A tensor of ``rows`` whose gradient is handed to ``on_grad`` (as numpy), hung
+        off ``anchor`` (default: :meth:`anchor`)."""
+        tf = _tf()
+
+        def give(dy: Any) -> Any:
+            return tf.numpy_function(lambda g: (on_grad(_float_rows(g)), np.int64(0))[1],
+                                     [dy], tf.int64, stateful=True, name="xdl_row_grads")
+
+        rows_t = tf.convert_to_tensor(_float_rows(rows))
+        return _hang_off(self.anchor() if anchor is None else anchor, rows_t, give)
+
+    def gather(self, t: Any, index: Any) -> Any:
+        """``tf.gather(t, index)``."""
+        return _tf().gather(t, index)
+
+    def append_zero_row(self, t: Any) -> Any:
+        """``t`` with a zero row appended."""
+        tf = _tf()
+        return tf.concat([t, tf.zeros_like(t[:1])], 0)
+
+    def scale_rows(self, t: Any, weights: Any) -> Any:
+        """``t * weights[:, None]``."""
+        tf = _tf()
+        return t * tf.cast(weights, t.dtype)[:, None]
+
+    def segment_sum(self, t: Any, segments: Any, num_segments: Any) -> Any:
+        """``tf.math.unsorted_segment_sum`` (differentiable)."""
+        return _tf().math.unsorted_segment_sum(t, segments, num_segments)
+
+    def reshape(self, t: Any, shape: Sequence[int]) -> Any:
+        """``tf.reshape(t, shape)``."""
+        return _tf().reshape(t, list(shape))
+
+    # --- graph-safe lookups (host callbacks) --------------------------------------------
+
+    def _rows_of(self, remote: RemoteTable, rows: Any, unique: Any, anchor: Any) -> Any:
+        tf = _tf()
+
+        def add(ids: np.ndarray, grad: np.ndarray) -> np.int64:
+            # a padding row, when there is one, is the last row: no id, no gradient
+            remote.add_gradients(ids, _float_rows(grad[:ids.size]))
+            return np.int64(ids.size)
+
+        def give(dy: Any) -> Any:
+            return tf.numpy_function(add, [unique, dy], tf.int64, stateful=True,
+                                     name="xdl_row_grads")
+
+        rows.set_shape([None, remote.dim])
+        return _hang_off(self.anchor() if anchor is None else anchor, rows, give)
+
+    def lookup(self, remote: RemoteTable, ids: Any, *, anchor: Any = None) -> Any:
+        """Differentiable lookup of ``ids`` (any shape, int32/int64, eager or symbolic)
+        → float32 ``ids.shape + (dim,)``; padding ids give zeros and no gradient.
+
+        :param anchor: the trainable variable the rows' gradient path hangs off
+            (default: :meth:`anchor`).
+        """
+        tf = _tf()
+        ids = _id_tensor(ids)
+        dim = remote.dim
+
+        def forward(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            plan, rows = remote.lookup(np.asarray(raw))
+            rows = _float_rows(rows)
+            if plan.has_padding:
+                rows = np.concatenate([rows, np.zeros((1, dim), np.float32)])
+            return rows, plan.inverse, plan.unique_ids
+
+        rows, inverse, unique = tf.numpy_function(
+            forward, [ids], [tf.float32, tf.int64, tf.int64], stateful=True,
+            name="xdl_pull_rows")
+        rows = self._rows_of(remote, rows, unique, anchor)
+        out = tf.reshape(tf.gather(rows, inverse),
+                         tf.concat([tf.shape(ids, tf.int64), [dim]], 0))
+        out.set_shape(ids.shape.concatenate([dim]))
+        return out
+
+    def lookup_bags(self, remote: RemoteTable, ids: Any, offsets: Any = None, *,
+                    combiner: str = "sum", per_sample_weights: Any = None,
+                    include_last_offset: bool = False, anchor: Any = None) -> Any:
+        """Differentiable bag lookup → ``[bags, dim]``, combined by ``sum`` / ``mean`` /
+        ``sqrtn``; padding ids are left out, an empty bag is zeros. Eager or symbolic.
+
+        :param ids: 2-D padded ids ``[bags, width]`` (each row one bag), or 1-D ids with
+            ``offsets`` (start of each bag; with ``include_last_offset`` the last one
+            is ``len(ids)``, as a ``tf.RaggedTensor``'s ``row_splits``).
+        :param per_sample_weights: optional weight per id (same layout as ``ids``); the
+            combiner then divides by the sum of a bag's weights (``mean``) or by the
+            root of the sum of their squares (``sqrtn``), as
+            ``tf.nn.embedding_lookup_sparse`` does.
+        :param anchor: see :meth:`lookup`.
+        """
+        tf = _tf()
+        ids = _id_tensor(ids)
+        has_offsets = offsets is not None
+        offs = tf.cast(offsets, tf.int64) if has_offsets else tf.zeros([0], tf.int64)
+        weighted = per_sample_weights is not None
+
+        def forward(raw: np.ndarray, off: np.ndarray) -> tuple[Any, ...]:
+            plan, rows = remote.lookup_bags(
+                np.asarray(raw), off if has_offsets else None,
+                combiner="sum" if weighted else combiner,
+                include_last_offset=include_last_offset)
+            coef = plan.coef if plan.coef is not None else np.ones(len(plan.kept), np.float32)
+            return (_float_rows(rows), plan.lookup.inverse, plan.lookup.unique_ids,
+                    plan.kept, plan.bag, coef, np.int64(plan.num_bags))
+
+        rows, inverse, unique, kept, bag, coef, num_bags = tf.numpy_function(
+            forward, [ids, offs],
+            [tf.float32, tf.int64, tf.int64, tf.int64, tf.int64, tf.float32, tf.int64],
+            stateful=True, name="xdl_pull_bags")
+        rows = self._rows_of(remote, rows, unique, anchor)
+        values = tf.gather(rows, inverse)
+        if not weighted:
+            values = values * coef[:, None]
+        else:
+            w = tf.gather(tf.reshape(tf.cast(per_sample_weights, tf.float32), [-1]), kept)
+            values = values * w[:, None]
+            if combiner != "sum":
+                total = tf.math.unsorted_segment_sum(w if combiner == "mean" else w * w,
+                                                     bag, num_bags)
+                if combiner == "sqrtn":
+                    total = tf.sqrt(total)
+                total = tf.where(total > 0, total, tf.ones_like(total))
+                values = values / tf.gather(total, bag)[:, None]
+        out = tf.math.unsorted_segment_sum(values, bag, num_bags)
+        out.set_shape([None if has_offsets else ids.shape[0], remote.dim])
+        return out
+
+
+def _owns(obj: Any) -> bool:
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return False
+    if tf.is_tensor(obj) or isinstance(obj, (tf.Variable, tf.Module)):
+        return True
+    for name in ("keras", "tf_keras"):  # Keras 3 layers are not tf.Module objects
+        layer = getattr(getattr(sys.modules.get(name), "layers", None), "Layer", None)
+        if isinstance(layer, type) and isinstance(obj, layer):
+            return True
+    return False
+
+
+@hookimpl
+def xdl_register_backends(register: Any) -> None:
+    """Register :class:`TensorFlowBackend`."""
+    register.add(TensorFlowBackend)
+
+
+@hookimpl
+def xdl_detect_backend(obj: Any) -> str | None:
+    """The tensorflow backend owns TF tensors, variables, ``tf.Module`` objects and Keras
+    layers and models (only once TensorFlow or Keras is imported)."""
+    return TensorFlowBackend.name if _owns(obj) else None

@@ -1,0 +1,198 @@
+"""The tensorflow backend and the ``tf.nn`` surface: lookups and the gradients they push,
+eagerly and inside ``tf.function``, checked against TensorFlow's own ops on a local
+variable holding the same rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+from fakes import FakeClient  # noqa: E402
+
+import xdl  # noqa: E402
+from xdl.adapters import tf_nn  # noqa: E402
+from xdl.lookup import RemoteTable  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+DIM, VOCAB, LR = 4, 30, 1.0
+INIT = xdl.init.Normal(stddev=0.5)
+MODES = ["eager", "graph"]
+
+
+def rows(seed: int = 3) -> np.ndarray:
+    return xdl.init.generate(INIT, seed, np.arange(VOCAB, dtype=np.int64), DIM)
+
+
+def run(mode: str, fn: Callable[..., Any], *args: Any) -> Any:
+    return tf.function(fn)(*args) if mode == "graph" else fn(*args)
+
+
+def pushed(client: FakeClient, table: str) -> dict[int, np.ndarray]:
+    """Pushed gradient per id, summed over the pushes to ``table``."""
+    out: dict[int, np.ndarray] = {}
+    for name, ids, grads in client.pushes:
+        if name == table:
+            for i, g in zip(ids.tolist(), grads, strict=True):
+                out[i] = out.get(i, 0) + g
+    return out
+
+
+def dense_grad(grad: Any) -> np.ndarray:
+    return np.asarray(tf.convert_to_tensor(grad).numpy())
+
+
+def as_dict(g: np.ndarray) -> dict[int, np.ndarray]:
+    return {i: g[i] for i in np.flatnonzero(np.abs(g).sum(1) > 0)}
+
+
+def assert_same_grads(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_plugin_does_not_import_tensorflow() -> None:
+    code = ("import sys, xdl; xdl.get_plugin_manager(); "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, "
+            "[m for m in ('tensorflow', 'keras') if m in sys.modules]")
+    env = {**os.environ, "XDL_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_detect_backend() -> None:
+    keras = pytest.importorskip("keras")
+    for obj in (tf.constant([1]), tf.Variable([1.0]), tf.Module(),
+                keras.Sequential([keras.layers.Dense(1)])):
+        assert xdl.get_backend(obj).name == "tensorflow", type(obj)
+    assert xdl.get_backend(np.zeros(2)).name == "numpy"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lookup_and_pushed_gradient_match_tf(mode: str) -> None:
+    """Any shape, int32 ids, a padding id, an id looked up twice by two calls in one
+    step: same output as tf.gather and one push of the summed gradient."""
+    client = FakeClient()
+    client.create_table("t", DIM, initializer=INIT, seed=3, optimizer=xdl.optim.SGD(lr=LR))
+    remote = RemoteTable(client, "t", DIM, id_mode="index", num_rows=VOCAB, padding_idx=0)
+    anchor = tf.Variable([0.0])
+    local = tf.Variable(rows())
+    backend = xdl.get_backend("tensorflow")
+    ids_a = tf.constant([[5, 0, 7], [7, 7, 2]], tf.int32)
+    ids_b = tf.constant([[2], [9]], tf.int32)  # an int32 [N, 1] column, as inside fit
+    scale = tf.constant(np.arange(DIM, dtype=np.float32) + 1)
+
+    def step(a: Any, b: Any) -> Any:
+        with tf.GradientTape() as tape:
+            ea, eb = backend.lookup(remote, a, anchor=anchor), backend.lookup(remote, b,
+                                                                              anchor=anchor)
+            loss = tf.reduce_sum(ea * scale) + tf.reduce_sum(tf.square(eb))
+        return ea, eb, tape.gradient(loss, anchor)
+
+    def local_step(a: Any, b: Any) -> Any:
+        mask = tf.cast(a != 0, tf.float32)[..., None]  # padding: zeros, no gradient
+        with tf.GradientTape() as tape:
+            ea = tf.gather(local, a) * mask
+            eb = tf.gather(local, b)
+            loss = tf.reduce_sum(ea * scale) + tf.reduce_sum(tf.square(eb))
+        return ea, eb, tape.gradient(loss, local)
+
+    ea, eb, g_anchor = run(mode, step, ids_a, ids_b)
+    la, lb, g_local = run(mode, local_step, ids_a, ids_b)
+    assert ea.shape == (2, 3, DIM) and eb.shape == (2, 1, DIM)
+    np.testing.assert_allclose(ea.numpy(), la.numpy(), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(eb.numpy(), lb.numpy(), rtol=0, atol=1e-7)
+    assert g_anchor.numpy().tolist() == [0.0]
+    assert client.pushes == []  # buffered until the table's next pull (or wait_pushes)
+    remote.wait_pushes()
+    assert len(client.pushes) == 1  # two lookups, one push
+    assert_same_grads(pushed(client, "t"), as_dict(dense_grad(g_local)))
+    # the push was applied: a second step sees the updated rows
+    ea2, _, _ = run(mode, step, ids_a, ids_b)
+    expect = rows() - LR * dense_grad(g_local)
+    np.testing.assert_allclose(ea2.numpy()[0, 0], expect[5], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_embedding_lookup_sparse_matches_tf(mode: str, combiner: str) -> None:
+    client = FakeClient()
+    table = tf_nn.table(client, f"sp-{combiner}", DIM, initializer=INIT, seed=3,
+                        id_mode="index", num_rows=VOCAB)
+    local = tf.Variable(rows())
+    # bag 2 is empty; bag 0 repeats id 4
+    sp_ids = tf.SparseTensor(indices=[[0, 0], [0, 1], [0, 2], [1, 0], [3, 0], [3, 1]],
+                             values=tf.constant([4, 4, 11, 6, 11, 20], tf.int64),
+                             dense_shape=[4, 3])
+    for weights in (None, tf.SparseTensor(sp_ids.indices, [0.5, 2.0, 1.0, 3.0, 1.5, 0.25],
+                                          sp_ids.dense_shape)):
+        client.pushes.clear()
+
+        def step(sp: Any, w: Any = weights) -> Any:
+            with tf.GradientTape() as tape:
+                out = tf_nn.embedding_lookup_sparse(table, sp, w, combiner=combiner)
+                loss = tf.reduce_sum(out * out)
+            return out, tape.gradient(loss, table.trainable_variables)
+
+        def local_step(sp: Any, w: Any = weights) -> Any:
+            with tf.GradientTape() as tape:
+                out = tf.nn.embedding_lookup_sparse(local, sp, w, combiner=combiner)
+                loss = tf.reduce_sum(out * out)
+            return out, tape.gradient(loss, local)
+
+        out, _ = run(mode, step, sp_ids)
+        expect, g_local = run(mode, local_step, sp_ids)
+        assert out.shape == (4, DIM)
+        np.testing.assert_allclose(out.numpy()[:len(expect)], expect.numpy(), rtol=1e-6,
+                                   atol=1e-6)
+        assert not out.numpy()[2].any()  # the empty bag
+        table.wait_pushes()
+        assert_same_grads(pushed(client, table.remote.table), as_dict(dense_grad(g_local)))
+        client.tables[table.remote.table].rows.clear()  # next round from the same rows
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_embedding_lookup_matches_tf(mode: str) -> None:
+    client = FakeClient()
+    table = tf_nn.table(client, "plain", DIM, initializer=INIT, seed=3)
+    local = tf.Variable(rows())
+    ids = tf.constant([[3, 8], [8, 29]], tf.int64)
+
+    def step(i: Any) -> Any:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(tf_nn.embedding_lookup(table, i)))
+        tape.gradient(loss, table.trainable_variables)
+        return loss
+
+    def local_step(i: Any) -> Any:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(tf.nn.embedding_lookup(local, i)))
+        return loss, tape.gradient(loss, local)
+
+    loss = run(mode, step, ids)
+    expect, g_local = run(mode, local_step, ids)
+    assert abs(float(loss) - float(expect)) < 1e-5
+    table.wait_pushes()
+    assert_same_grads(pushed(client, "plain"), as_dict(dense_grad(g_local)))
+    assert [v.name for v in table.trainable_variables] == ["xdl_anchor:0"]
+
+
+def test_errors_say_what_and_where() -> None:
+    client = FakeClient()
+    table = tf_nn.table(client, "idx", DIM, id_mode="index", num_rows=10)
+    with pytest.raises(Exception, match="out of range.*num_embeddings=10"):
+        tf_nn.embedding_lookup(table, tf.constant([3, 10]))
+    with pytest.raises(xdl.errors.InvalidArgumentError, match="ids must be integers"):
+        tf_nn.embedding_lookup(table, tf.constant([1.0]))
+    with pytest.raises(xdl.errors.InvalidArgumentError, match="DistributedTable"):
+        tf_nn.embedding_lookup(tf.Variable(rows()), tf.constant([1]))
+    with pytest.raises(xdl.errors.InvalidArgumentError, match="max_norm"):
+        tf_nn.embedding_lookup(table, tf.constant([1]), max_norm=1.0)
