@@ -1,0 +1,410 @@
+"""Gluon adapter: ``xdl.swap(net, client)`` replaces ``gluon.nn.Embedding`` blocks by
+distributed ones, ``xdl.unswap(net)`` puts ordinary blocks back with the trained rows.
+
+The walk, table naming, table creation and export are the core's (:mod:`xdl.surgery`);
+this module says how to list a Gluon net's blocks with their paths, replace one, and
+translate an ``Embedding`` to a table and back. The distributed block,
+:class:`DistributedEmbedding`, is a ``gluon.nn.Embedding`` subclass (``isinstance``
+checks keep passing) holding no weight: each forward looks up the batch's unique ids
+through the core's :class:`~xdl.lookup.RemoteTable`.
+
+How it meets Gluon (see docs/mxnet.md):
+
+* **Imperative and hybridized.** Not hybridized, the lookup is NDArray code around the
+  backend's autograd op. In a hybridized graph (which cannot call Python) it is the
+  backend's custom operator, a host callback into the same table. Swap and unswap
+  clear the cached graph of every block of the net, so the next call rebuilds it.
+* **The user's Trainer.** The block exposes one Parameter, ``anchor``: float32 ``[1]``,
+  zero, whose gradient is always zero, so every MXNet optimizer leaves it at zero (a
+  hybridized graph runs an operator's backward only when one of its inputs needs a
+  gradient). No row of the table is a Parameter, so the Trainer never updates rows.
+  A Trainer created before the swap keeps the replaced weight in its list: swap sets
+  that weight's ``grad_req`` to ``'null'``, which the Trainer skips.
+* **Gradient scale.** ``Trainer.step(batch_size)`` scales gradients by
+  ``rescale_grad = scale / batch_size`` before its update. Row gradients therefore wait
+  in the block until the step is done and are pushed scaled by the same factor: the
+  block hands them to the table's gradient buffer before the next forward of the net
+  (a forward pre-hook), or on ``wait_pushes`` / ``close`` / ``unswap``, multiplied by
+  the ``rescale_grad`` of the Trainer that holds the net's parameters (found through
+  the anchor or the replaced weight), 1 when there is none. Set
+  ``block.grad_scale`` to a number to fix the factor instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+
+from xdl import init as xinit
+from xdl.errors import XdlError
+from xdl.hookspecs import hookimpl
+from xdl.lookup import LookupPlan, RemoteTable
+from xdl.sharding import add_rows
+from xdl.surgery import LayerAdapter, LayerSpec
+
+_block_class: Any = None
+
+
+def _mx() -> Any:
+    from xdl.plugins import get_backend
+
+    return get_backend("mxnet").framework_module()
+
+
+def _backend() -> Any:
+    from xdl.plugins import get_backend
+
+    return get_backend("mxnet")
+
+
+def place_numpy(rows: np.ndarray, plan: LookupPlan, dim: int) -> np.ndarray:
+    """The lookup's output in numpy: ``rows`` (of ``plan.unique_ids``) placed at every id,
+    zeros for padding ids, shape ``plan.shape + (dim,)``."""
+    rows = np.asarray(rows, dtype=np.float32)
+    if plan.has_padding:
+        rows = np.concatenate([rows, np.zeros((1, dim), np.float32)])
+    return rows[plan.inverse].reshape(*plan.shape, dim)
+
+
+def unique_grads(grad: np.ndarray, plan: LookupPlan, dim: int) -> np.ndarray:
+    """The gradient of the unique rows ``[U, dim]`` from the output's gradient (repeated
+    ids summed, padding ids dropped), in one compiled pass."""
+    num_unique = len(plan.unique_ids)
+    out = np.zeros((num_unique + 1, dim), dtype=np.float32)
+    add_rows(out, np.minimum(plan.inverse, num_unique), grad.reshape(-1, dim))
+    return out[:num_unique]
+
+
+class HeldGradients:
+    """Row gradients of a step held until the Trainer has scaled the dense ones.
+
+    ``add`` runs on MXNet's engine threads (backward callbacks); :meth:`hand_over`,
+    once the step is done, gives them to the table's gradient buffer multiplied by
+    ``scale()``.
+    """
+
+    def __init__(self, remote: RemoteTable) -> None:
+        self.remote = remote
+        self._lock = threading.Lock()
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, unique_ids: np.ndarray, grads: np.ndarray) -> None:
+        """Hold one lookup's unique-row gradients."""
+        if len(unique_ids):
+            with self._lock:
+                self._parts.append((unique_ids, grads))
+
+    def hand_over(self, scale: float) -> None:
+        """Give the held gradients, times ``scale``, to the table's gradient buffer."""
+        with self._lock:
+            parts, self._parts = self._parts, []
+        for ids, grads in parts:
+            self.remote.add_gradients(ids, grads if scale == 1.0 else grads * np.float32(scale))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._parts)
+
+
+def _trainer_scale(params: Iterable[Any]) -> float:
+    """``rescale_grad`` of the first Trainer holding one of ``params`` (1 if none)."""
+    for param in params:
+        trainer = getattr(param, "_trainer", None)
+        optimizer = getattr(trainer, "_optimizer", None)
+        if optimizer is not None:
+            return float(optimizer.rescale_grad)
+    return 1.0
+
+
+def block_class() -> Any:
+    """:class:`DistributedEmbedding`, built on first use (it subclasses a Gluon class)."""
+    global _block_class
+    if _block_class is None:
+        mx = _mx()
+        from mxnet import gluon
+
+        from xdl.backends.mxnet_backend import host_lookup, register_host
+
+        class DistributedEmbedding(gluon.nn.Embedding):  # type: ignore[misc]
+            """``gluon.nn.Embedding`` whose rows live in a parameter-server table.
+
+            Same forward (ids of any shape, float or integer → ``ids.shape +
+            (output_dim,)``), imperative or hybridized. Holds no ``weight``; its only
+            Parameter is the zero ``anchor`` (see :mod:`xdl.adapters.gluon`).
+
+            :ivar remote: the :class:`~xdl.lookup.RemoteTable`.
+            :ivar grad_scale: None (follow the Trainer's ``rescale_grad``) or a number
+                the pushed row gradients are multiplied by.
+            """
+
+            def __init__(self, remote: RemoteTable, spec: LayerSpec, prefix: str,
+                         replaced: Any = None) -> None:
+                gluon.HybridBlock.__init__(self, prefix=prefix)
+                self._kwargs = {"input_dim": spec.num_rows, "output_dim": spec.dim,
+                                "dtype": spec.settings.get("dtype", "float32"),
+                                "sparse_grad": spec.settings.get("sparse_grad", False)}
+                self._input_dim = spec.num_rows
+                self._output_dim = spec.dim
+                self.settings = dict(spec.settings)
+                self.remote = remote
+                self.grad_scale: float | None = None
+                self.held = HeldGradients(remote)
+                # the replaced weight (a tuple: Gluon registers a Parameter attribute): a
+                # Trainer made before the swap is found through it
+                self._replaced = (replaced,) if replaced is not None else ()
+                self.anchor = self.params.get("anchor", shape=(1,), dtype="float32",
+                                              init=mx.init.Zero(), allow_deferred_init=False)
+                self.anchor.initialize(ctx=mx.cpu())
+                self._key = register_host(self)
+                self.register_forward_pre_hook(lambda block, args: block.before_step())
+
+            @property
+            def weight(self) -> Any:
+                """No weight: the rows live on the parameter server."""
+                raise AttributeError(
+                    f"DistributedEmbedding for table {self.remote.table!r} holds no weight; "
+                    "the rows live on the parameter server: use client.pull(table, ids), "
+                    "or xdl.unswap(net) to get ordinary blocks with the trained rows")
+
+            # -- the step boundary ----------------------------------------------------
+
+            def scale(self) -> float:
+                """The factor pushed row gradients are multiplied by."""
+                if self.grad_scale is not None:
+                    return float(self.grad_scale)
+                return _trainer_scale([self.anchor, *self._replaced])
+
+            def before_step(self) -> None:
+                """Wait for the previous backward (MXNet runs it asynchronously), then
+                hand its row gradients, scaled, to the table's gradient buffer."""
+                if self.anchor.grad_req != "null":
+                    for grad in self.anchor.list_grad():
+                        grad.wait_to_read()
+                _backend().wait_backward()
+                if len(self.held):
+                    self.held.hand_over(self.scale())
+
+            def wait_pushes(self) -> None:
+                """Push what this block holds and wait until its table's pushes are
+                applied."""
+                self.before_step()
+                self.remote.wait_pushes()
+
+            def close(self) -> None:
+                """:meth:`wait_pushes`, then stop the table's prefetch thread."""
+                self.before_step()
+                self.remote.close()
+
+            def prefetch(self, ids: Any, *, exact: bool = True) -> None:
+                """Pull the rows of a coming batch's ``ids`` in the background
+                (:meth:`xdl.lookup.RemoteTable.prefetch`)."""
+                self.remote.prefetch(_backend().ids_to_numpy(ids), exact=exact)
+
+            # -- forward ---------------------------------------------------------------
+
+            def hybrid_forward(self, F: Any, x: Any, anchor: Any) -> Any:  # noqa: N803
+                """Rows of ids ``x``: NDArray code imperatively, the host-callback
+                operator in a symbolic graph."""
+                if F is mx.nd:
+                    return _backend().lookup(self.remote, x, anchor=anchor,
+                                             on_row_grads=self.held.add)
+                return host_lookup(F, self._key, x, anchor)
+
+            # numpy-level entry points of the custom operator (xdl_host_lookup)
+            def host_forward(self, ids: np.ndarray) -> tuple[np.ndarray, LookupPlan]:
+                """Output and plan of the lookup of ``ids``."""
+                plan, rows = self.remote.lookup(ids)
+                return place_numpy(rows, plan, self._output_dim), plan
+
+            def host_backward(self, plan: LookupPlan, grad: np.ndarray) -> None:
+                """Hold the unique rows' gradient of the lookup that made ``plan``."""
+                self.held.add(plan.unique_ids, unique_grads(grad, plan, self._output_dim))
+
+            def host_output_shape(self, ids_shape: tuple[int, ...],
+                                  extra_shapes: Any) -> tuple[int, ...]:
+                """``ids_shape + (output_dim,)``."""
+                return (*ids_shape, self._output_dim)
+
+            def __repr__(self) -> str:
+                return (f"{type(self).__name__}({self._input_dim} -> {self._output_dim}, "
+                        f"table={self.remote.table!r}, id_mode={self.remote.id_mode!r})")
+
+        DistributedEmbedding.__qualname__ = "DistributedEmbedding"
+        _block_class = DistributedEmbedding
+    return _block_class
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DistributedEmbedding":
+        return block_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _children(block: Any) -> Iterator[tuple[str, Any]]:
+    for name, child in block._children.items():
+        yield name, child() if isinstance(child, weakref.ref) else child
+
+
+def _walk(block: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    yield path, block
+    for name, child in _children(block):
+        yield from _walk(child, f"{path}.{name}" if path else name)
+
+
+def _initializer_spec(init: Any) -> xinit.Initializer | None:
+    """An ``mx.init`` initializer as an ``xdl.init`` spec (Uniform, Normal, Zero,
+    Constant), else None."""
+    mx = _mx()
+    if isinstance(init, str):
+        try:
+            init = mx.init.create(init)
+        except Exception:  # noqa: BLE001 - an unknown name is "not known" here
+            return None
+    if isinstance(init, mx.init.Uniform):
+        return xinit.Uniform(-float(init.scale), float(init.scale))
+    if isinstance(init, mx.init.Normal):
+        return xinit.Normal(stddev=float(init.sigma))
+    if isinstance(init, mx.init.Zero):
+        return xinit.Zeros()
+    if isinstance(init, mx.init.Constant) and isinstance(init.value, (int, float)):
+        return xinit.Constant(float(init.value))
+    return None
+
+
+class GluonAdapter(LayerAdapter):
+    """Swaps ``gluon.nn.Embedding`` blocks (``sparse_grad`` on or off, hybridized or not)."""
+
+    name = "gluon"
+    backend = "mxnet"
+    #: Gluon's default initializer (``net.initialize()`` without one): ``Uniform(0.07)``
+    default_initializer: ClassVar[xinit.Initializer] = xinit.Uniform(-0.07, 0.07)
+
+    def layer_types(self) -> tuple[type, ...]:
+        """``gluon.nn.Embedding``."""
+        _mx()
+        from mxnet import gluon
+
+        return (gluon.nn.Embedding,)
+
+    def distributed_types(self) -> tuple[type, ...]:
+        """:class:`DistributedEmbedding`."""
+        return (block_class(),)
+
+    def named_layers(self, model: Any) -> Iterable[tuple[str, Any]]:
+        """Every block of the net with its dotted path (child names)."""
+        return list(_walk(model))
+
+    def layer_spec(self, layer: Any, path: str) -> LayerSpec:
+        """``input_dim`` rows of ``output_dim``; dtype and ``sparse_grad`` kept."""
+        kwargs = dict(getattr(layer, "_kwargs", {}))
+        dtype = np.dtype(kwargs.get("dtype", "float32")).name
+        if dtype != "float32":
+            raise XdlError(f"cannot swap {path or 'the net'}: Embedding dtype {dtype} "
+                           "(tables hold float32 rows)")
+        weight = layer.weight
+        return LayerSpec(
+            num_rows=int(kwargs["input_dim"]), dim=int(kwargs["output_dim"]),
+            initializer=_initializer_spec(weight.init),
+            settings={"dtype": "float32", "sparse_grad": weight._grad_stype == "row_sparse",
+                      "prefix": layer.prefix})
+
+    def layer_rows(self, layer: Any) -> np.ndarray:
+        """The weight's rows (initialised first, with its own initializer, when the net
+        was not initialised yet)."""
+        mx = _mx()
+        weight = layer.weight
+        if weight._data is None and weight._deferred_init == ():
+            weight.initialize(ctx=mx.cpu())
+        return np.asarray(weight.data().asnumpy(), dtype=np.float32)
+
+    def distribute(self, layer: Any, spec: LayerSpec, remote: RemoteTable) -> Any:
+        """A :class:`DistributedEmbedding` with the layer's prefix."""
+        return block_class()(remote, spec, layer.prefix, replaced=layer.weight)
+
+    def rewire(self, model: Any, old: Any, new: Any, path: str) -> list[str]:
+        """A Trainer made before the swap holds the old weight: ``grad_req='null'``
+        makes it skip that weight (nothing computes its gradient any more)."""
+        old.weight.grad_req = "null"
+        return []
+
+    def restore(self, layer: Any, rows: np.ndarray) -> Any:
+        """``gluon.nn.Embedding`` with the same prefix (so the same parameter names) and
+        settings, holding ``rows``."""
+        mx = _mx()
+        from mxnet import gluon
+
+        layer.before_step()
+        layer.anchor.grad_req = "null"  # a Trainer that held it skips it from now on
+        new = gluon.nn.Embedding(layer._input_dim, layer._output_dim, dtype="float32",
+                                 sparse_grad=bool(layer.settings.get("sparse_grad")),
+                                 prefix=layer.prefix)
+        new.initialize(ctx=mx.cpu())
+        new.weight.set_data(mx.nd.array(rows, dtype=np.float32))
+        return new
+
+    def remote_of(self, layer: Any) -> RemoteTable:
+        """The layer's table, after its held gradients are handed over."""
+        layer.before_step()
+        return layer.remote  # type: ignore[no-any-return]
+
+    def replace(self, model: Any, path: str, new: Any) -> None:
+        """Put ``new`` at ``path``: the parent's child entry and, when the child is also
+        an attribute of that name, the attribute (Gluon refuses a plain ``setattr``
+        that changes a child's type)."""
+        parent_path, _, leaf = path.rpartition(".")
+        parent = dict(_walk(model))[parent_path]
+        parent._children[leaf] = new
+        if parent.__dict__.get(leaf) is not None:
+            object.__setattr__(parent, leaf, new)
+
+    def finish(self, model: Any) -> Any:
+        """Clear every block's cached graph (rebuilt on the next call) and hook the
+        net's forward: before it runs, the previous step's row gradients are handed
+        over (see the module docstring)."""
+        _mx()
+        from mxnet import gluon
+
+        distributed = [b for _, b in _walk(model) if isinstance(b, block_class())]
+        for _, block in _walk(model):
+            if isinstance(block, gluon.HybridBlock):
+                block._clear_cached_op()
+        _install_hook(model, distributed)
+        return model
+
+
+_hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _install_hook(model: Any, distributed: list[Any]) -> None:
+    handle = _hooks.pop(model, None)
+    if handle is not None:
+        handle.detach()
+    if not distributed or isinstance(model, block_class()):
+        return
+    blocks = weakref.WeakSet(distributed)
+
+    def before_forward(block: Any, args: Any) -> None:
+        for layer in list(blocks):
+            layer.before_step()
+
+    _hooks[model] = model.register_forward_pre_hook(before_forward)
+
+
+def iter_distributed(net: Any) -> Iterator[tuple[str, Any]]:
+    """``(path, block)`` of every :class:`DistributedEmbedding` of ``net``."""
+    cls = block_class()
+    seen: set[int] = set()
+    for path, block in _walk(net):
+        if isinstance(block, cls) and id(block) not in seen:
+            seen.add(id(block))
+            yield path, block
+
+
+@hookimpl
+def xdl_register_adapters(register: Any) -> None:
+    """Register :class:`GluonAdapter` (``gluon``)."""
+    register.add(GluonAdapter())
