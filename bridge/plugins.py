@@ -33,6 +33,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "xdl.backends.numpy_backend",
     "xdl.backends.torch_backend",
     "xdl.adapters.torch_nn",
+    "xdl.backends.mxnet_backend", "xdl.adapters.gluon",
     "xdl.backends.tensorflow_backend", "xdl.adapters.keras", "xdl.adapters.tf_nn",
 )
 #: Entry-point group (and pluggy project name).
