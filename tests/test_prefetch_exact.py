@@ -99,7 +99,7 @@ def forced(model: nn.Module, batches: list[Batch], exact: bool) -> Iterator[Batc
     def schedule(b: Batch) -> None:
         for ids in (b["a"], b["b"]):
             emb.prefetch(ids, exact=exact)
-            emb._prefetched[-1].future.result()
+            emb.remote._prefetched[-1].future.result()
 
     return torch_nn.prefetch_batches(batches, schedule)
 
