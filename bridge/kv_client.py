@@ -16,10 +16,11 @@ import numpy as np
 from . import init as xinit
 from . import optim as xoptim
 from . import protocol as P
+from .dedup import unique_inverse
 from .errors import InvalidArgumentError
 from .pushlog import PushLog
 from .routing import Routed, ShardRouter
-from .sharding import add_rows, all_finite
+from .sharding import add_rows, all_finite, take_rows
 from .transport import Ticket, Transport
 
 
@@ -31,10 +32,14 @@ def as_ids(ids: Any, table: str) -> np.ndarray:
     return arr.reshape(-1).astype(np.int64, copy=False)
 
 
-def unique_ids(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique ids of ``flat`` and the inverse index (``uniq[inverse] == flat``)."""
-    uniq, inverse = np.unique(flat, return_inverse=True)
-    return uniq, inverse
+def unique_ids(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unique ids of int64 ``flat`` in first-occurrence order, and the inverse index.
+
+    One O(n) compiled pass (:func:`xdl.dedup.unique_inverse`). The inverse is None when
+    ``flat`` has no repeats: then the unique ids are a private copy of ``flat``, in order.
+    """
+    uniq, inverse = unique_inverse(flat)
+    return uniq, (None if uniq.size == flat.size else inverse)
 
 
 class KeyValueCalls:
@@ -105,9 +110,14 @@ class KeyValueCalls:
         dim = self._dim(table)
         routed = self._router.split(uniq)
         answered = self._router.call(P.PULL, {"table": table}, [(routed, {})])
+        if inverse is not None and len(answered) == 1 and routed.order is None:
+            # one shard answered every id in our order: expand its rows directly
+            got = answered[0][1][1].get("rows")
+            if got is not None and got.shape == (uniq.size, dim):
+                return take_rows(got, inverse)
         rows = np.empty((uniq.size, dim), dtype=np.float32)
         self._router.scatter(answered, "rows", [routed], [rows], [table])
-        return rows if inverse is None else rows[inverse]
+        return rows if inverse is None else take_rows(rows, inverse)
 
     def push(self, table: str, ids: Any, grads: Any, *, unique: bool = False) -> Ticket:
         """Send gradients of rows; the shards apply the table's optimizer exactly once.
@@ -121,17 +131,16 @@ class KeyValueCalls:
         """
         flat = as_ids(ids, table)
         g = self._checked_grads(table, flat.size, grads)
-        routed, sorted_g, logged = self._route_push(flat, g, unique)
+        routed, sorted_g = self._route_push(flat, g, unique)
         t = self._transport
         with t.lock:
             t.raise_failed()
             t.throttle()
             sent = self._router.send(P.PUSH, {"table": table}, [(routed, {"grads": sorted_g})])
             ticket = t.track((s.shard, s.seq) for s in sent)
-            # unique=True: log the (private, unsorted) request ids; pushed_since sorts
+            # the log keeps the request's (private, unsorted) ids; pushed_since sorts
             # them only if someone asks, keeping a sort off the push path
-            self._pushlog.record(table, routed.ids if logged is None else logged,
-                                 logged is not None)
+            self._pushlog.record(table, routed.ids, False)
         return ticket
 
     def _checked_grads(self, table: str, n: int, grads: Any) -> np.ndarray:
@@ -152,34 +161,30 @@ class KeyValueCalls:
         return g
 
     def _route_push(self, flat: np.ndarray, g: np.ndarray, unique: bool
-                    ) -> tuple[Routed, np.ndarray, np.ndarray | None]:
-        """Ids and gradients of a push in shard order, private to the request.
+                    ) -> tuple[Routed, np.ndarray]:
+        """Unique ids and their gradients in shard order, both private to the request.
 
-        Returns ``(routed ids, gradients in shard order, sorted unique ids or None)``;
-        the last is what the push log records when at hand.
+        The request is sent without copies, asynchronously, and kept for resends: it
+        must not share memory with arrays the caller may change after we return.
         """
-        owned = False  # whether flat and g are arrays this call made
-        logged: np.ndarray | None = None
+        ids_private = g_private = False
         if not unique:
             uniq, inverse = unique_ids(flat)
-            logged = uniq
-            if uniq.size != flat.size:  # sum the gradients of repeated ids
+            flat, ids_private = uniq, True  # a fresh array, in first-occurrence order
+            if inverse is not None:  # sum the gradients of repeated ids
                 summed = np.zeros((uniq.size, g.shape[1]), dtype=np.float32)
                 add_rows(summed, inverse, g)
-                flat, g, owned = uniq, summed, True
+                g, g_private = summed, True
         routed = self._router.split(flat)
         if routed.order is not None:
-            return routed, routed.in_shard_order(g), logged  # both fresh arrays
-        if owned:
-            return routed, g, logged
-        # The request is sent without copies, asynchronously, and kept for resends:
-        # it must not share memory with arrays the caller may change after we return.
-        return (Routed(flat.copy(), None, routed.bounds),
-                np.array(g, dtype=np.float32, order="C"), logged)
+            return routed, routed.in_shard_order(g)  # both fresh arrays
+        if not ids_private:
+            routed = Routed(flat.copy(), None, routed.bounds)
+        return routed, (g if g_private else np.array(g, dtype=np.float32, order="C"))
 
     def delete(self, table: str, ids: Any) -> int:
         """Remove rows; returns how many existed. Their memory is reused by new rows."""
-        routed = self._router.split(np.unique(as_ids(ids, table)))
+        routed = self._router.split(unique_ids(as_ids(ids, table))[0])
         answered = self._router.call(P.DELETE, {"table": table}, [(routed, {})])
         return sum(int(h["deleted"]) for _, (h, _) in answered)
 
