@@ -77,7 +77,8 @@ def test_per_sample_weights(client: FakeClient) -> None:
     w_ref = torch.tensor([0.5, 2.0, -1.0, 3.0], requires_grad=True)
     w_ours = w_ref.detach().clone().requires_grad_(True)
     ref = reference(client, nn.EmbeddingBag, mode="sum")
-    ours = xdl.swap(nn.EmbeddingBag(VOCAB, DIM, mode="sum"), client, per_table={"": {"name": "t"}}, existing="keep")
+    ours = xdl.swap(nn.EmbeddingBag(VOCAB, DIM, mode="sum"), client,
+                    per_table={"": {"name": "t"}}, existing="keep")
     expected = ref(ids, offsets, per_sample_weights=w_ref)
     got = ours(ids, offsets, per_sample_weights=w_ours)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

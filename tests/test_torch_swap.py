@@ -379,3 +379,25 @@ def test_server_dense_optimizer_sync_workers_average(two_clients: list[Any]) -> 
 def test_docstring_names_one_step_staleness() -> None:
     doc: Any = torch_nn.prefetch.__doc__
     assert "one step stale" in doc
+
+
+def test_hash_mode_starts_from_torch_default_initializer() -> None:
+    client = FakeClient()
+    xdl.swap(nn.Embedding(10, 3), client, id_mode="hash", prefix="h")
+    assert client.tables["h"].initializer == xdl.init.Normal(mean=0.0, stddev=1.0)
+    xdl.swap(nn.Embedding(10, 3), client, id_mode="hash", prefix="h2", initializer=INIT)
+    assert client.tables["h2"].initializer == INIT
+
+
+def test_references_to_replaced_weights_are_rewired_or_named() -> None:
+    model = DeepCtrLike()
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    user_weight = model.embedding_dict["user"].weight
+    regularized = [user_weight]  # DeepCTR keeps such a list for its embedding L2
+    with pytest.warns(RuntimeWarning, match=r"list of 1 items holds the weight of "
+                                            r"embedding_dict\.user.*weight_decay"):
+        model = xdl.swap(model, FakeClient())
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert id(user_weight) not in held  # dropped from the optimizer's param group
+    assert held == {id(p) for p in model.parameters()}
+    assert regularized[0] is user_weight
