@@ -13,35 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("ib")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+#: The module that runs one shard (the server package's entry), started as a program.
+SERVER_MODULE = "xdl.server"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdl", description="xdl-bridge parameter server tools")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("server", help="run one parameter-server shard")
-    s.add_argument("--bind", default=os.environ.get("XDL_BIND", "tcp://127.0.0.1:7000"),
-                   help="ZeroMQ endpoint to bind (port 0: any free port); default "
-                        "tcp://127.0.0.1:7000 (XDL_BIND)")
-    s.add_argument("--shard", type=int, default=0, help="this shard's index (0-based)")
-    s.add_argument("--num-shards", type=int, default=1, help="number of shards in the cluster")
-    s.add_argument("--max-request-bytes", type=_size, default="1g",
-                   help="largest request accepted, e.g. 256m (default 1g)")
-    s.add_argument("--load", metavar="CKPT", help="restore this checkpoint before serving")
-    s.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
-    s.add_argument("--log-level", default=os.environ.get("XDL_LOG_LEVEL", "INFO"))
+    # `xdl server` runs the server package's own entry (python -m xdl.server), which
+    # parses these flags; the core does not import the server.
+    s = sub.add_parser("server", help="run one parameter-server shard (python -m xdl.server; "
+                                      "see `xdl server --help`)", add_help=False)
+    s.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     for name, text in (("ping", "check that every shard answers"),
                        ("stats", "print per-shard statistics as JSON"),
@@ -63,17 +52,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_server(argv: Sequence[str]) -> int:
+    """Replace this process by ``python -m xdl.server ARGV`` (same pid, signals, output).
+
+    Returns only where ``exec`` is not available, after the server process ends.
+    """
+    cmd = [sys.executable, "-m", SERVER_MODULE, *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if hasattr(os, "execv"):
+        os.execv(sys.executable, cmd)
+    return subprocess.call(cmd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xdl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "server":
+        return run_server(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "server":
-        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        from xdl.server.shard import serve
-
-        return serve(args.bind, args.shard, args.num_shards,
-                     max_request_bytes=args.max_request_bytes, parent_pid=args.parent_pid,
-                     load=args.load)
     if args.command == "version":
         import xdl
 

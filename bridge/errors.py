@@ -74,10 +74,28 @@ class CheckpointError(XdlError):
     code = "CHECKPOINT"
 
 
+class DiskFullError(CheckpointError):
+    """A checkpoint (or log) could not be written because its device is full."""
+
+    code = "DISK_FULL"
+
+
+class PermissionDeniedError(XdlError):
+    """A client's CURVE key may not send this command (an admin command from a non-admin key)."""
+
+    code = "DENIED"
+
+
 class ServerUnavailableError(XdlError):
     """A shard did not answer within the timeout after every retry."""
 
     code = "UNAVAILABLE"
+
+
+class DeadlineExceededError(XdlError):
+    """A request waited on a shard longer than its deadline (a parked ``DENSE_PULL``)."""
+
+    code = "DEADLINE"
 
 
 class InternalError(XdlError):
@@ -111,7 +129,10 @@ ERRORS_BY_CODE: dict[str, type[XdlError]] = {
         RequestTooLargeError,
         StaleClientError,
         CheckpointError,
+        DiskFullError,
+        PermissionDeniedError,
         ServerUnavailableError,
+        DeadlineExceededError,
         InternalError,
         PluginError,
         BackendNotAvailableError,

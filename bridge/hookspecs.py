@@ -9,13 +9,38 @@ grow by adding arguments, never by renaming them. Plugins are found through the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:
     from .backend import Backend
-    from .plugins import AdapterRegistry, BackendRegistry, OptimizerRegistry
+
+
+# What each registration hook receives, stated here so that this module imports nothing
+# of xdl.plugins (which implements them: BackendRegistry, AdapterRegistry,
+# OptimizerRegistry) and the two stay free of an import cycle.
+class BackendRegister(Protocol):
+    """The ``register`` argument of :func:`xdl_register_backends`."""
+
+    def add(self, backend_cls: type[Backend]) -> None:
+        """Register a backend class under its ``name``."""
+
+
+class AdapterRegister(Protocol):
+    """The ``register`` argument of :func:`xdl_register_adapters`."""
+
+    def add(self, adapter: Any, swap: Callable[..., Any] | None = None,
+            unswap: Callable[..., Any] | None = None) -> None:
+        """Register an adapter under its ``name``."""
+
+
+class OptimizerRegister(Protocol):
+    """The ``register`` argument of :func:`xdl_register_optimizers`."""
+
+    def add(self, name: str, factory: Callable[..., Any]) -> None:
+        """Register an optimizer spec factory under ``name``."""
 
 #: Marks a hook specification; private to xdl.
 hookspec = pluggy.HookspecMarker("xdl")
@@ -25,7 +50,7 @@ hookimpl = pluggy.HookimplMarker("xdl")
 
 
 @hookspec
-def xdl_register_backends(register: BackendRegistry) -> None:
+def xdl_register_backends(register: BackendRegister) -> None:
     """Register framework backends (subclasses of :class:`xdl.Backend`).
 
     :param register: the backend registry; call ``register.add(MyBackend)``.
@@ -45,7 +70,7 @@ def xdl_detect_backend(obj: Any) -> Backend | str | None:
 
 
 @hookspec
-def xdl_register_adapters(register: AdapterRegistry) -> None:
+def xdl_register_adapters(register: AdapterRegister) -> None:
     """Register adapters: what :func:`xdl.swap` needs to know about a framework's layers.
 
     An adapter is an :class:`xdl.surgery.LayerAdapter`: the backend it operates on, the
@@ -57,7 +82,7 @@ def xdl_register_adapters(register: AdapterRegistry) -> None:
 
 
 @hookspec
-def xdl_register_optimizers(register: OptimizerRegistry) -> None:
+def xdl_register_optimizers(register: OptimizerRegister) -> None:
     """Register optimizer specifications that tables and dense variables can use.
 
     :param register: the optimizer registry; call ``register.add(name, factory)``.

@@ -39,6 +39,7 @@ DROP_TABLE = b"DROP_TABLE"
 PULL = b"PULL"
 PUSH = b"PUSH"
 DELETE = b"DELETE"
+SET_ROWS = b"SET_ROWS"
 CREATE_DENSE = b"CREATE_DENSE"
 DENSE_PULL = b"DENSE_PULL"
 DENSE_PUSH = b"DENSE_PUSH"
@@ -48,12 +49,13 @@ LOAD = b"LOAD"
 SHUTDOWN = b"SHUTDOWN"
 
 COMMANDS = frozenset({
-    PING, CREATE_TABLE, DESCRIBE_TABLE, LIST_TABLES, DROP_TABLE, PULL, PUSH, DELETE,
+    PING, CREATE_TABLE, DESCRIBE_TABLE, LIST_TABLES, DROP_TABLE, PULL, PUSH, DELETE, SET_ROWS,
     CREATE_DENSE, DENSE_PULL, DENSE_PUSH, STATS, SAVE, LOAD, SHUTDOWN,
 })
 
 #: Commands that change state and are therefore applied exactly once per seq.
-MUTATING = frozenset({CREATE_TABLE, DROP_TABLE, PUSH, DELETE, CREATE_DENSE, DENSE_PUSH, LOAD})
+MUTATING = frozenset({CREATE_TABLE, DROP_TABLE, PUSH, DELETE, SET_ROWS, CREATE_DENSE,
+                      DENSE_PUSH, LOAD})
 
 # Array dtypes allowed on the wire (numpy dtype strings, little-endian).
 DTYPES = frozenset({"<i8", "<u8", "<i4", "<f4", "<f8", "|u1"})
@@ -66,6 +68,16 @@ BUCKET_SHIFT = 48
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 MAX_HEADER_BYTES = 1 << 20
 MAX_ARRAYS = 64
+#: Most dimensions an array on the wire (or a dense variable) may have.
+MAX_RANK = 8
+#: Largest dimension of one array axis (far above any real array; keeps products exact).
+MAX_DIM = 1 << 40
+#: ``DENSE_PULL`` requests one shard keeps waiting for a version, and for how long.
+MAX_PARKED = 1024
+PARK_TIMEOUT_S = 60.0
+
+#: First words of the line a shard prints on stdout once it serves: ``XDL-READY <endpoint>``.
+READY_PREFIX = "XDL-READY "
 
 # Client defaults (overridable per connect() call or by XDL_* variables).
 DEFAULT_TIMEOUT_S = 30.0
@@ -73,5 +85,6 @@ DEFAULT_RETRIES = 3
 
 ERROR_CODES = frozenset({
     "ERROR", "PROTOCOL", "UNKNOWN_COMMAND", "NO_SUCH_TABLE", "TABLE_EXISTS", "INVALID_ARGUMENT",
-    "TOO_LARGE", "STALE_CLIENT", "CHECKPOINT", "INTERNAL",
+    "TOO_LARGE", "STALE_CLIENT", "CHECKPOINT", "DISK_FULL", "DEADLINE", "DENIED",
+    "INTERNAL",
 })

@@ -1,10 +1,10 @@
-"""``python -m xdl.server``: run one parameter-server shard (same flags as ``xdl server``)."""
+"""``python -m xdl.server``: run one parameter-server shard (the flags of ``xdl server``)."""
 
 from __future__ import annotations
 
 import sys
 
-from xdl.cli import main
+from .main import main
 
 if __name__ == "__main__":
-    sys.exit(main(["server", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))

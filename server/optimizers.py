@@ -18,6 +18,7 @@ in :mod:`xdl.optim`. Rows must be unique within one call (the table checks).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from numba.extending import intrinsic
 from xdl.errors import InvalidArgumentError
 from xdl.optim import FTRL, SGD, Adagrad, Adam, Momentum, Optimizer, RMSProp
 
-__all__ = ["apply"]
+__all__ = ["apply", "kernel_for", "KERNELS"]
 
 _F32 = np.float32
 _ONE = np.float32(1.0)
@@ -249,12 +250,88 @@ def _ftrl(values, acc, lin, rows, grads, lr, lr_power, l1, l2, l2_shrinkage, sqr
 _NONE = np.zeros((1, 1), dtype=np.float32)
 
 
+#: Applies one update of a spec to rows of an arena; see :func:`apply` for the arguments.
+Kernel = Callable[[Any, np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray, int], None]
+
+
+def _sgd_kernel(spec: SGD, values: np.ndarray, slots: dict[str, np.ndarray], rows: np.ndarray,
+                grads: np.ndarray, step: int) -> None:
+    _sgd(values, rows, grads, _F32(-spec.lr))
+
+
+def _momentum_kernel(spec: Momentum, values: np.ndarray, slots: dict[str, np.ndarray],
+                     rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+    _momentum(values, slots["velocity"], rows, grads, _F32(spec.lr), _F32(-spec.lr),
+              _F32(spec.momentum), spec.nesterov, spec.variant == "tf")
+
+
+def _adagrad_kernel(spec: Adagrad, values: np.ndarray, slots: dict[str, np.ndarray],
+                    rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+    _adagrad(values, slots["accum"], rows, grads, _F32(-spec.lr), _F32(spec.eps),
+             spec.eps_inside_sqrt)
+
+
+def _adam_kernel(spec: Adam, values: np.ndarray, slots: dict[str, np.ndarray],
+                 rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+    _adam(values, slots["m"], slots["v"], slots["t"], rows, grads, float(spec.lr),
+          float(spec.beta1), float(spec.beta2), _F32(spec.eps), spec.eps_hat)
+
+
+def _rmsprop_kernel(spec: RMSProp, values: np.ndarray, slots: dict[str, np.ndarray],
+                    rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+    c = _F32(1.0 - spec.rho)
+    _rmsprop(values, slots["ms"], slots.get("mom", _NONE), slots.get("mg", _NONE), rows,
+             grads, _F32(-spec.lr), _F32(spec.rho), c, c - _ONE, _F32(spec.eps),
+             _F32(spec.momentum), spec.momentum > 0.0, spec.centered, spec.eps_inside_sqrt)
+
+
+def _ftrl_kernel(spec: FTRL, values: np.ndarray, slots: dict[str, np.ndarray],
+                 rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+    _ftrl(values, slots["accum"], slots["linear"], rows, grads, _F32(spec.lr),
+          _F32(spec.lr_power), _F32(spec.l1), _F32(spec.l2 + spec.beta / (2.0 * spec.lr)),
+          _F32(spec.l2_shrinkage), spec.lr_power == -0.5)
+
+
+def _plugin_kernel(spec: Optimizer, values: np.ndarray, slots: dict[str, np.ndarray],
+                   rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+    try:
+        spec.update(values, slots, rows, grads, step)
+    except NotImplementedError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+
+
+#: optimizer kind → kernel. The built-ins run fused numba kernels; an optimizer added by
+#: a plugin gets its entry (its own ``update``) the first time one of its specs is used.
+KERNELS: dict[str, Kernel] = {
+    SGD.kind: _sgd_kernel,
+    Momentum.kind: _momentum_kernel,
+    Adagrad.kind: _adagrad_kernel,
+    Adam.kind: _adam_kernel,
+    RMSProp.kind: _rmsprop_kernel,
+    FTRL.kind: _ftrl_kernel,
+}
+
+
+def kernel_for(spec: Optimizer) -> Kernel:
+    """The kernel of ``spec``'s kind; a plugin's kind is entered on first use.
+
+    A subclass of a built-in spec that overrides ``update`` runs its own ``update``.
+    """
+    kernel = KERNELS.get(spec.kind)
+    if kernel is None:
+        kernel = KERNELS.setdefault(spec.kind, _plugin_kernel)
+    elif type(spec).update is not Optimizer.update:
+        return _plugin_kernel
+    return kernel
+
+
 def apply(spec: Optimizer, values: np.ndarray, slots: dict[str, np.ndarray], rows: np.ndarray,
           grads: np.ndarray, step: int) -> None:
     """Apply one sparse update in place: ``grads[i]`` to row ``rows[i]`` of ``values``
     and of every slot array in ``slots`` (named as ``spec.slot_names()``).
 
-    :param spec: the optimizer spec (:mod:`xdl.optim`).
+    :param spec: the optimizer spec (:mod:`xdl.optim`); its ``kind`` selects the kernel
+        in :data:`KERNELS`.
     :param values: float32 ``[rows_cap, dim]`` C-contiguous arena, updated in place.
     :param slots: slot name → float32 ``[rows_cap, width]`` C-contiguous arena, updated
         in place.
@@ -266,29 +343,4 @@ def apply(spec: Optimizer, values: np.ndarray, slots: dict[str, np.ndarray], row
     """
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     grads = np.ascontiguousarray(grads, dtype=np.float32)
-    if isinstance(spec, SGD):
-        _sgd(values, rows, grads, _F32(-spec.lr))
-    elif isinstance(spec, Momentum):
-        _momentum(values, slots["velocity"], rows, grads, _F32(spec.lr), _F32(-spec.lr),
-                  _F32(spec.momentum), spec.nesterov, spec.variant == "tf")
-    elif isinstance(spec, Adagrad):
-        _adagrad(values, slots["accum"], rows, grads, _F32(-spec.lr), _F32(spec.eps),
-                 spec.eps_inside_sqrt)
-    elif isinstance(spec, Adam):
-        _adam(values, slots["m"], slots["v"], slots["t"], rows, grads, float(spec.lr),
-              float(spec.beta1), float(spec.beta2), _F32(spec.eps), spec.eps_hat)
-    elif isinstance(spec, RMSProp):
-        c = _F32(1.0 - spec.rho)
-        _rmsprop(values, slots["ms"], slots.get("mom", _NONE), slots.get("mg", _NONE), rows,
-                 grads, _F32(-spec.lr), _F32(spec.rho), c, c - _ONE, _F32(spec.eps),
-                 _F32(spec.momentum), spec.momentum > 0.0, spec.centered,
-                 spec.eps_inside_sqrt)
-    elif isinstance(spec, FTRL):
-        _ftrl(values, slots["accum"], slots["linear"], rows, grads, _F32(spec.lr),
-              _F32(spec.lr_power), _F32(spec.l1), _F32(spec.l2 + spec.beta / (2.0 * spec.lr)),
-              _F32(spec.l2_shrinkage), spec.lr_power == -0.5)
-    else:  # an optimizer added by a plugin
-        try:
-            spec.update(values, slots, rows, grads, step)
-        except NotImplementedError as exc:
-            raise InvalidArgumentError(str(exc)) from None
+    kernel_for(spec)(spec, values, slots, rows, grads, step)

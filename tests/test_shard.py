@@ -216,3 +216,34 @@ def test_dense_sync_mode_aggregates_workers() -> None:
     np.testing.assert_allclose(ra["value"], [-2.0, -3.0])
     h, _ = w1(P.DENSE_PUSH, {"name": "fc", "step": 0}, {"grad": np.ones(2, np.float32)})
     assert h["code"] == "INVALID_ARGUMENT" and "step" in h["message"]
+
+
+def test_every_command_has_one_handler() -> None:
+    from xdl.server.shard import HANDLERS
+
+    assert set(HANDLERS) == set(P.COMMANDS)
+
+
+def test_optimizer_kinds_map_to_kernels() -> None:
+    from xdl.server import optimizers
+
+    for kind in ("sgd", "momentum", "adagrad", "adam", "rmsprop", "ftrl"):
+        assert optimizers.kernel_for(xoptim.from_dict({"kind": kind, "lr": 0.1})) \
+            is optimizers.KERNELS[kind]
+
+
+def test_plugin_optimizer_becomes_an_entry_of_the_kernel_map() -> None:
+    from typing import ClassVar
+
+    from xdl.server import optimizers
+
+    class Halve(xoptim.Optimizer):
+        kind: ClassVar[str] = "test_halve"
+
+        def update(self, values: Any, slots: Any, rows: Any, grads: Any, step: int) -> None:
+            values[rows] *= 0.5
+
+    values = np.ones((3, 2), np.float32)
+    optimizers.apply(Halve(), values, {}, np.array([1]), np.zeros((1, 2), np.float32), 1)
+    np.testing.assert_array_equal(values[:, 0], [1.0, 0.5, 1.0])
+    assert "test_halve" in optimizers.KERNELS
