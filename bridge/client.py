@@ -43,6 +43,7 @@ from .kv_client import KeyValueCalls
 from .local_shards import READY_PREFIX, LocalShards
 from .pushlog import PUSH_LOG_LENGTH, PushLog
 from .routing import ShardRouter
+from .security import ClientKeys
 from .transport import MAX_INFLIGHT_PUSHES, Reply, ShardConnection, Ticket, Transport
 
 __all__ = [
@@ -67,16 +68,20 @@ class Client(KeyValueCalls, DenseVariableCalls, CheckpointCalls):
     :param client_id: stable id of this worker (default: random); pushes are applied
         exactly once per ``(client_id, incarnation, seq)``.
     :param local: shard processes this client owns and stops at :meth:`close`.
+    :param curve_secret: this client's CURVE key pair file (``XDL_CURVE_CLIENT_SECRET``).
+    :param curve_server_key: the shards' CURVE public key file (``XDL_CURVE_SERVER_KEY``).
     """
 
     def __init__(self, servers: Sequence[str], *, timeout: float = P.DEFAULT_TIMEOUT_S,
                  retries: int = P.DEFAULT_RETRIES, client_id: str | None = None,
-                 local: LocalShards | None = None) -> None:
+                 local: LocalShards | None = None, curve_secret: str | None = None,
+                 curve_server_key: str | None = None) -> None:
         if not servers:
             raise InvalidArgumentError("no servers given: pass endpoints, set XDL_SERVERS, or "
                                        "use connect(local_shards=N)")
         self._transport = Transport(servers, timeout=timeout, retries=retries,
-                                    client_id=client_id)
+                                    client_id=client_id, keys=ClientKeys.from_options(
+                                        curve_secret, curve_server_key))
         t = self._transport
         self.servers = t.servers
         self.num_shards = t.num_shards
@@ -163,7 +168,8 @@ class Client(KeyValueCalls, DenseVariableCalls, CheckpointCalls):
 
 def connect(servers: Sequence[str] | str | None = None, *, local_shards: int | None = None,
             timeout: float | None = None, retries: int | None = None,
-            client_id: str | None = None) -> Client:
+            client_id: str | None = None, curve_secret: str | None = None,
+            curve_server_key: str | None = None) -> Client:
     """Connect to a cluster of shards and return a :class:`Client`.
 
     :param servers: endpoints in shard order, as a list or a comma-separated string.
@@ -174,6 +180,9 @@ def connect(servers: Sequence[str] | str | None = None, *, local_shards: int | N
     :param timeout: seconds per attempt (``XDL_TIMEOUT``, default 30).
     :param retries: attempts after the first (``XDL_RETRIES``, default 3).
     :param client_id: stable worker id (``XDL_CLIENT_ID``, default random).
+    :param curve_secret: this client's CURVE key pair file (``XDL_CURVE_CLIENT_SECRET``);
+        with ``curve_server_key`` (``XDL_CURVE_SERVER_KEY``) every socket uses CurveZMQ
+        (see the README, "Running a secured cluster").
 
     Example::
 
@@ -198,7 +207,8 @@ def connect(servers: Sequence[str] | str | None = None, *, local_shards: int | N
         local = LocalShards(local_shards or 1)
         servers = local.endpoints
     try:
-        return Client(servers, timeout=timeout, retries=retries, client_id=client_id, local=local)
+        return Client(servers, timeout=timeout, retries=retries, client_id=client_id, local=local,
+                      curve_secret=curve_secret, curve_server_key=curve_server_key)
     except BaseException:
         if local is not None:
             local.stop()

@@ -33,7 +33,9 @@ import numpy as np
 import zmq
 
 from . import codec
+from . import protocol as P
 from .errors import ServerUnavailableError, XdlError, error_from_code
+from .security import ClientKeys
 
 log = logging.getLogger("xdl.client")
 
@@ -72,6 +74,9 @@ class ShardConnection:
     pending: dict[int, _Pending] = field(default_factory=dict)
     done: dict[int, Reply] = field(default_factory=dict)
     orphans: set[int] = field(default_factory=set)  # async seqs nobody waits on (yet)
+    #: the shard process's boot id, from its replies; a new one means it restarted
+    boot: str | None = None
+    restarts: int = 0
 
 
 class Transport:
@@ -81,10 +86,11 @@ class Transport:
     :param timeout: seconds to wait for a shard's reply before reconnecting and resending.
     :param retries: reconnect-and-resend attempts before giving up.
     :param client_id: id stamped on every request (default: random).
+    :param keys: CURVE keys for every socket (None: plain TCP), see :mod:`xdl.security`.
     """
 
     def __init__(self, servers: Sequence[str], *, timeout: float, retries: int,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, keys: ClientKeys | None = None) -> None:
         self.servers = list(servers)
         self.num_shards = len(self.servers)
         self.timeout = float(timeout)
@@ -93,6 +99,7 @@ class Transport:
         self.incarnation = time.time_ns()
         #: serializes socket use; re-entrant so callers can hold it around several calls
         self.lock = threading.RLock()
+        self.keys = keys
         self.ctx = zmq.Context()
         self._seq = itertools.count(1)
         self.conns = [ShardConnection(ep, self._open(ep)) for ep in self.servers]
@@ -104,6 +111,8 @@ class Transport:
     def _open(self, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.secure(sock)
         sock.connect(endpoint)
         return sock
 
@@ -172,6 +181,11 @@ class Transport:
         if not isinstance(seq, int):
             log.warning("reply without a seq from %s", conn.endpoint)
             return
+        boot = header.get("boot")
+        if isinstance(boot, str) and boot != conn.boot:
+            known, conn.boot = conn.boot, boot
+            if known is not None and self._restarted(conn, seq, header):
+                return
         p = conn.pending.pop(seq, None)
         if p is None:
             return  # a late duplicate of something already answered
@@ -181,6 +195,30 @@ class Transport:
                 self._failed.append(self._error(conn, p, header))
             return
         conn.done[seq] = (header, arrays)
+
+    def _restarted(self, conn: ShardConnection, seq: int, header: dict[str, Any]) -> bool:
+        """A reply came from a new shard process: resend what the old one left unanswered.
+
+        Requests older than ``seq`` still unanswered went to the old process: resend them
+        now (a mutating one that its write-ahead log kept is answered as a duplicate).
+        A read answered before those resends could miss them, so it is dropped and sent
+        again after them; returns whether this reply was dropped.
+        """
+        conn.restarts += 1
+        older = sorted(s for s in conn.pending if s < seq)
+        p = conn.pending.get(seq)
+        drop = (p is not None and p.command not in P.MUTATING
+                and any(conn.pending[s].command in P.MUTATING for s in older))
+        log.warning("shard %s restarted (boot %s); %s; resending %d unanswered requests",
+                    conn.endpoint, header.get("boot"),
+                    "its write-ahead log kept every change it acknowledged" if header.get("wal")
+                    else "it has no write-ahead log: changes it acknowledged since its last "
+                         "checkpoint are lost", len(older) + drop)
+        for s in older + ([seq] if drop else []):
+            q = conn.pending[s]
+            q.sent_at = time.monotonic()
+            conn.socket.send_multipart(q.frames, copy=False)
+        return drop
 
     @staticmethod
     def _error(conn: ShardConnection, p: _Pending | None, header: dict[str, Any]) -> XdlError:
