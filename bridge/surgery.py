@@ -25,7 +25,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import init as xinit
-from .errors import InvalidArgumentError, PluginError, TableNotFoundError, XdlError
+from .errors import (
+    InvalidArgumentError,
+    PluginError,
+    TableNotFoundError,
+    UnknownCommandError,
+    XdlError,
+)
 from .lookup import ID_MODES, RemoteTable
 
 #: rows per request when uploading or exporting a table
@@ -222,7 +228,13 @@ def _start_rows(client: Any, table: str, path: str, spec: LayerSpec, rows: np.nd
             f"starts from its initializer, not from the weights of {path or 'the model'}",
             RuntimeWarning, stacklevel=4)
         return
-    upload_rows(client, table, rows)
+    try:
+        upload_rows(client, table, rows)
+    except UnknownCommandError:  # shards older than SET_ROWS
+        warnings.warn(
+            f"the shards cannot write rows (no SET_ROWS): table {table!r} starts from its "
+            f"initializer, not from the weights of {path or 'the model'}",
+            RuntimeWarning, stacklevel=4)
 
 
 def swap(model: Any, client: Any, *, optimizer: Any = None, initializer: Any = None,
