@@ -9,6 +9,7 @@ says so with ``unique=True`` and nothing is sorted, de-duplicated or checked aga
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -160,12 +161,14 @@ class KeyValueCalls:
                                        table=table)
         return g
 
-    def _route_push(self, flat: np.ndarray, g: np.ndarray, unique: bool
-                    ) -> tuple[Routed, np.ndarray]:
+    def _route_push(self, flat: np.ndarray, g: np.ndarray, unique: bool, *,
+                    private: bool = True) -> tuple[Routed, np.ndarray]:
         """Unique ids and their gradients in shard order, both private to the request.
 
         The request is sent without copies, asynchronously, and kept for resends: it
         must not share memory with arrays the caller may change after we return.
+        With ``private=False`` the caller's arrays may be returned as they are (for a
+        request that copies them anyway).
         """
         ids_private = g_private = False
         if not unique:
@@ -178,9 +181,100 @@ class KeyValueCalls:
         routed = self._router.split(flat)
         if routed.order is not None:
             return routed, routed.in_shard_order(g)  # both fresh arrays
+        if not private:
+            return routed, g
         if not ids_private:
             routed = Routed(flat.copy(), None, routed.bounds)
         return routed, (g if g_private else np.array(g, dtype=np.float32, order="C"))
+
+    # ------------------------------------------------------------ many tables at once
+    def pull_many(self, requests: Mapping[str, Any], *, unique: bool = False
+                  ) -> dict[str, np.ndarray]:
+        """Rows of several tables in one round trip: ``{table: ids}`` → ``{table: rows}``.
+
+        Each shard gets **one** request carrying every table's ids for it, instead of one
+        request per table. Same rules per table as :meth:`pull`.
+
+        :param requests: table name → integer ids (any shape, flattened).
+        :param unique: promise that every table's ids have no repeats.
+        """
+        if len(requests) == 1 or not hasattr(P, "PULL_MANY"):
+            return {name: self.pull(name, ids, unique=unique) for name, ids in requests.items()}
+        names = list(requests)
+        parts: list[Routed] = []
+        inverses: list[np.ndarray | None] = []
+        outs: list[np.ndarray] = []
+        for name in names:
+            flat = as_ids(requests[name], name)
+            uniq, inverse = (flat, None) if unique else unique_ids(flat)
+            parts.append(self._router.split(uniq))
+            inverses.append(inverse)
+            outs.append(np.empty((uniq.size, self._dim(name)), dtype=np.float32))
+        if not names:
+            return {}
+        answered = self._router.call(P.PULL_MANY, {"tables": names},
+                                     [(r, {}) for r in parts], many=True)
+        self._router.scatter(answered, "rows", parts, outs, names)
+        return {name: rows if inv is None else take_rows(rows, inv)
+                for name, rows, inv in zip(names, outs, inverses, strict=True)}
+
+    def push_many(self, requests: Mapping[str, tuple[Any, Any]], *, unique: bool = False
+                  ) -> Ticket:
+        """Gradients of several tables in one push: ``{table: (ids, grads)}``.
+
+        Each shard gets **one** request carrying every table's rows for it, applied
+        exactly once as a whole: all of its tables, or (if anything in it is refused)
+        none. Same rules per table as :meth:`push`; one :class:`Ticket` for everything.
+
+        :param requests: table name → ``(ids, grads)``, grads ``float32 [len(ids), dim]``.
+        :param unique: promise that every table's ids have no repeats.
+        """
+        if len(requests) == 1 or not hasattr(P, "PUSH_MANY"):
+            tickets = [self.push(name, ids, grads, unique=unique)
+                       for name, (ids, grads) in requests.items()]
+            return Ticket(tuple(s for t in tickets for s in t.seqs))
+        names = list(requests)
+        routed: list[tuple[Routed, Mapping[str, np.ndarray]]] = []
+        for name in names:
+            ids, grads = requests[name]
+            flat = as_ids(ids, name)
+            g = self._checked_grads(name, flat.size, grads)
+            # the request concatenates every part: it is private without a copy here
+            r, sorted_g = self._route_push(flat, g, unique, private=False)
+            routed.append((r, {"grads": sorted_g}))
+        logged = [r.ids if r.order is not None or not unique else r.ids.copy()
+                  for r, _ in routed]
+        t = self._transport
+        with t.lock:
+            t.raise_failed()
+            t.throttle()
+            sent = self._router.send(P.PUSH_MANY, {"tables": names}, routed, many=True)
+            ticket = t.track((s.shard, s.seq) for s in sent)
+            for name, ids in zip(names, logged, strict=True):
+                self._pushlog.record(name, ids, False)
+        return ticket
+
+    def set_rows(self, table: str, ids: Any, rows: Any) -> None:
+        """Write the values of rows ``ids`` (created when absent; optimizer slots of
+        existing rows are kept) and wait until every shard applied them.
+
+        ``xdl.swap`` starts an index-mode table from the layer's weights with it. Rows
+        changed this way void the push log's marks (as :meth:`drop_table` does).
+
+        :param ids: unique integer ids.
+        :param rows: ``float32 [len(ids), dim]``, finite.
+        """
+        flat = as_ids(ids, table)
+        values = np.asarray(rows)
+        dim = self._dim(table)
+        if values.shape != (flat.size, dim) or values.dtype.kind != "f":
+            raise InvalidArgumentError(
+                f"rows: expected floats of shape {[flat.size, dim]} (len(ids), dim), got "
+                f"{values.dtype} of shape {list(values.shape)}", table=table)
+        routed, sorted_rows = self._route_push(flat, values.astype(np.float32, copy=False),
+                                               True)
+        self._router.call(P.SET_ROWS, {"table": table}, [(routed, {"rows": sorted_rows})])
+        self._pushlog.forget(table)
 
     def delete(self, table: str, ids: Any) -> int:
         """Remove rows; returns how many existed. Their memory is reused by new rows."""
