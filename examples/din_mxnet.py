@@ -227,7 +227,10 @@ def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: i
     Adagrad in MXNet's semantics) and the dense part with ``gluon.Trainer``."""
     net = build_model(data)
     with xdl.connect(local_shards=shards) as client:
-        net = xdl.swap(net, client, optimizer=xdl.optim.Adagrad.mxnet(lr=lr))
+        # the tables start from the layers' rows; initializer and seeds say the same
+        net = xdl.swap(net, client, optimizer=xdl.optim.Adagrad.mxnet(lr=lr),
+                       initializer=INIT,
+                       per_table={k: {"seed": s} for k, s in TABLE_SEEDS.items()})
         seconds = train_loop(net, trainer_for(net, lr), data, epochs, batch_size)
         result = Result(f"server x{shards}", evaluate(net, data.test), seconds,
                         epochs * len(data.train["label"]))
