@@ -8,8 +8,13 @@ touches ids.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .protocol import BUCKET_SHIFT, NUM_BUCKETS
 
@@ -26,7 +31,42 @@ __all__ = [
     "first_outside",
     "dense_shard",
     "splitmix64",
+    "prefetch_row",
 ]
+
+
+@intrinsic
+def prefetch_row(typingctx: Any, arr: Any, row: Any) -> Any:
+    """``prefetch_row(a, i)`` (numba only): ask the CPU to bring row ``i`` of the
+    C-contiguous array ``a`` into cache (``llvm.prefetch``, read, high locality).
+
+    Hash-index probes and row gathers are bound by memory latency; issuing the loads of
+    a later iteration early lets their cache misses overlap (measured: a 1 M-key index
+    lookup of 65,536 random keys takes half the time). ``i`` is not bounds-checked, and
+    a prefetch never faults.
+    """
+    if not isinstance(arr, types.Array) or not isinstance(row, types.Integer):
+        return None
+    sig = types.void(arr, row)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = [args[1]] + [context.get_constant(types.intp, 0)] * (aryty.ndim - 1)
+        ptr = cgutils.get_item_pointer2(context, builder, data=ary.data,
+                                        shape=cgutils.unpack_tuple(builder, ary.shape),
+                                        strides=cgutils.unpack_tuple(builder, ary.strides),
+                                        layout=aryty.layout, inds=idx, wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, inline="always")
@@ -193,9 +233,11 @@ def split_by_shard(ids: np.ndarray, route: np.ndarray, num_shards: int
     return _split(_ids64(ids), np.ascontiguousarray(route, dtype=np.int64), int(num_shards))
 
 
-def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``a[idx]`` for a C-contiguous 2-D ``a`` and valid int64 ``idx`` (a new array)."""
-    out = np.empty((idx.shape[0], a.shape[1]), dtype=a.dtype)
+def take_rows(a: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a[idx]`` for a C-contiguous 2-D ``a`` and valid int64 ``idx``: into ``out``
+    (C-contiguous ``[len(idx), a.shape[1]]``, ``a``'s dtype) when given, else a new array."""
+    if out is None:
+        out = np.empty((idx.shape[0], a.shape[1]), dtype=a.dtype)
     _take(np.ascontiguousarray(a), np.ascontiguousarray(idx, dtype=np.int64), out)
     return out
 

@@ -22,11 +22,24 @@ from xdl import optim as xoptim
 from xdl.errors import InvalidArgumentError
 
 from . import optimizers
-from .kernels import HashIndex, RowPool, all_finite, first_duplicate, gather_rows, touch_rows
+from .kernels import (
+    REHASH_LOAD,
+    Arena,
+    HashIndex,
+    RowPool,
+    all_finite,
+    first_duplicate,
+    gather_rows,
+    mark_pushed_rows,
+    prefetch_rows,
+    touch_rows,
+    unmark_pushed_rows,
+)
 
 __all__ = ["SparseTable", "DenseVariable"]
 
 _META = ("freq", "last_step")
+_FREQ_MAX = 2**32 - 1
 
 
 def _keys_array(keys: Any, table: str) -> np.ndarray:
@@ -38,13 +51,17 @@ def _keys_array(keys: Any, table: str) -> np.ndarray:
     return np.ascontiguousarray(k, dtype=np.int64)
 
 
+def _duplicate_error(keys: np.ndarray, pos: int, table: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"keys must be unique, but key {int(keys[pos])} appears more than once "
+        f"(second time at position {pos}); de-duplicate and sum the gradients first",
+        table=table)
+
+
 def _check_unique(keys: np.ndarray, table: str) -> None:
     dup = first_duplicate(keys)
     if dup >= 0:
-        raise InvalidArgumentError(
-            f"keys must be unique, but key {int(keys[dup])} appears more than once "
-            f"(second time at position {dup}); de-duplicate and sum the gradients first",
-            table=table)
+        raise _duplicate_error(keys, dup, table)
 
 
 def _check_float_array(arr: Any, field: str, shape: tuple[int, ...], table: str) -> np.ndarray:
@@ -62,12 +79,17 @@ def _check_float_array(arr: Any, field: str, shape: tuple[int, ...], table: str)
 class SparseTable:
     """Key → row embedding table of one shard.
 
+    Storage: the values, each optimizer slot, ``freq`` (uint32 push count, saturating)
+    and ``last_step`` (int64) are :class:`~xdl.server.kernels.Arena` s that grow in
+    place; keys live in a :class:`~xdl.server.kernels.HashIndex` (12-byte slots). A
+    dim-16 Adagrad table costs about 128 + 12 + 15–22 bytes per row.
+
     :param name: table name (used in error messages).
     :param dim: row width (>= 1).
     :param initializer: spec of new rows' values (:mod:`xdl.init`).
     :param optimizer: spec of the update applied by :meth:`push` (:mod:`xdl.optim`).
     :param seed: table seed for :func:`xdl.init.generate`.
-    :param capacity: rows to allocate up front (the arenas grow by doubling).
+    :param capacity: rows to allocate up front (the arenas grow by doubling, in place).
     """
 
     def __init__(self, name: str, dim: int, initializer: xinit.Initializer,
@@ -88,30 +110,51 @@ class SparseTable:
         #: table-level push counter
         self.step = 0
         cap = max(1, int(capacity))
-        self.values = np.zeros((cap, self.dim), dtype=np.float32)
-        self.slots: dict[str, np.ndarray] = {
-            s: np.zeros((cap, optimizer.slot_width(s, self.dim)), dtype=np.float32)
-            for s in optimizer.slot_names()}
-        self.freq = np.zeros(cap, dtype=np.int64)
-        self.last_step = np.zeros(cap, dtype=np.int64)
-        self.index = HashIndex(max(8, int(cap / 0.35)))
+        self._values = Arena(cap, self.dim, np.float32)
+        self._slots = {s: Arena(cap, optimizer.slot_width(s, self.dim), np.float32)
+                       for s in optimizer.slot_names()}
+        self._freq = Arena(cap, None, np.uint32)
+        self._last_step = Arena(cap, None, np.int64)
+        self.index = HashIndex(max(8, int(cap / REHASH_LOAD)))
         self.pool = RowPool(cap, self._grow_rows)
+        # per-request scratch (rows, saved last_step), reused: fresh buffers of this
+        # size would be page-faulted in on every request
+        self._scratch = np.empty((2, 0), dtype=np.int64)
 
     # -- storage ----------------------------------------------------------------------
+    @property
+    def values(self) -> np.ndarray:
+        """The value arena, float32 ``[row capacity, dim]`` (replaced when it grows)."""
+        return self._values.array
+
+    @property
+    def slots(self) -> dict[str, np.ndarray]:
+        """Slot name → float32 ``[row capacity, width]`` arena."""
+        return {s: a.array for s, a in self._slots.items()}
+
+    @property
+    def freq(self) -> np.ndarray:
+        """Pushes per row, uint32 ``[row capacity]`` (saturating at 2**32 - 1)."""
+        return self._freq.array
+
+    @property
+    def last_step(self) -> np.ndarray:
+        """Table step of each row's last push, int64 ``[row capacity]``."""
+        return self._last_step.array
+
+    def _arenas(self) -> list[Arena]:
+        return [self._values, *self._slots.values(), self._freq, self._last_step]
+
     def _grow_rows(self, wanted: int) -> int:
-        old = self.values.shape[0]
-        new = max(2 * old, int(wanted))
-
-        def grown(a: np.ndarray) -> np.ndarray:
-            b = np.zeros((new,) + a.shape[1:], dtype=a.dtype)
-            b[:old] = a
-            return b
-
-        self.values = grown(self.values)
-        self.slots = {s: grown(a) for s, a in self.slots.items()}
-        self.freq = grown(self.freq)
-        self.last_step = grown(self.last_step)
+        new = max(2 * self._values.rows, int(wanted))
+        for arena in self._arenas():
+            arena.grow(new)
         return new
+
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._scratch.shape[1] < n:
+            self._scratch = np.empty((2, max(n, 2 * self._scratch.shape[1])), dtype=np.int64)
+        return self._scratch[0, :n], self._scratch[1, :n]
 
     def _resolve(self, keys: np.ndarray) -> np.ndarray:
         """Rows of ``keys``, inserting absent keys with fresh initial values and slots."""
@@ -128,10 +171,12 @@ class SparseTable:
 
     # -- requests ---------------------------------------------------------------------
     def pull(self, keys: np.ndarray) -> np.ndarray:
-        """Rows of ``keys`` (float32 ``[n, dim]``); absent keys are inserted first with
-        their initial value. Repeated keys are allowed."""
+        """Rows of ``keys`` (float32 ``[n, dim]``, a new array); absent keys are inserted
+        first with their initial value. Repeated keys are allowed."""
         k = _keys_array(keys, self.name)
-        rows = self._resolve(k)  # may grow (replace) the arenas: read them after
+        rows, _ = self._buffers(k.shape[0])
+        if self.index.find(k, rows):
+            rows = self._resolve(k)  # may grow (replace) the arenas: read them after
         return gather_rows(self.values, rows)
 
     def push(self, keys: np.ndarray, grads: np.ndarray) -> None:
@@ -142,14 +187,57 @@ class SparseTable:
         a 1-D int64 array of unique keys; ``grads`` is float32 ``[len(keys), dim]`` and
         finite. Absent keys are inserted with their initial value, then updated.
         Increments :attr:`step`; each row's ``freq`` grows by one and ``last_step`` is set.
+
+        One pass over the index finds the rows, checks that no row is named twice and
+        updates the rows' metadata (undone if a repeat turns up); the optimizer's pass
+        follows.
         """
         k = _keys_array(keys, self.name)
         g = _check_float_array(grads, "grads", (k.shape[0], self.dim), self.name)
-        _check_unique(k, self.name)
-        rows = self._resolve(k)
-        self.step += 1
-        optimizers.apply(self.optimizer, self.values, self.slots, rows, g, self.step)
-        touch_rows(self.freq, self.last_step, rows, self.step)
+        step = self.step + 1
+        rows, saved = self._buffers(k.shape[0])
+        absent, dup = mark_pushed_rows(self.index, k, rows, self.freq, self.last_step,
+                                       saved, step)
+        if dup >= 0:
+            raise _duplicate_error(k, dup, self.name)
+        new: np.ndarray | None = None
+        try:
+            if absent:
+                new = rows < 0
+                new_keys = k[new]
+                dup = first_duplicate(new_keys)
+                if dup >= 0:
+                    raise _duplicate_error(k, int(np.flatnonzero(new)[dup]), self.name)
+                new_rows = self._resolve(new_keys)
+                touch_rows(self.freq, self.last_step, new_rows, step)
+                rows[new] = new_rows
+            self._apply(rows, g, step)
+        except BaseException:
+            if new is not None:  # inserted rows stay, as a pull would leave them
+                self.freq[rows[new]] = 0
+                self.last_step[rows[new]] = 0
+                rows[new] = -1
+            unmark_pushed_rows(rows, self.freq, self.last_step, saved)
+            raise
+        self.step = step
+
+    def _apply(self, rows: np.ndarray, g: np.ndarray, step: int) -> None:
+        # In blocks of about 256 KiB of rows, each block's cache lines requested in one
+        # tight loop first: the optimizer's own loop overlaps only a few rows' misses
+        # (measured on 65,536 random rows of 1 M: dim 16 Adagrad 2.6 -> 1.3 ms, dim 64
+        # 4.0 -> 2.9 ms). Rows are unique, so the blocks' updates are independent.
+        values, slots = self.values, self.slots
+        arenas = (values, *slots.values())
+        row_bytes = 4 * sum(a.shape[1] for a in arenas)
+        block = min(4096, max(256, (256 << 10) // row_bytes))
+        n = rows.shape[0]
+        if n <= block:
+            optimizers.apply(self.optimizer, values, slots, rows, g, step)
+            return
+        for s in range(0, n, block):
+            r = rows[s:s + block]
+            prefetch_rows(arenas, r)
+            optimizers.apply(self.optimizer, values, slots, r, g[s:s + block], step)
 
     def delete(self, keys: np.ndarray) -> int:
         """Remove the keys present (absent ones are ignored); their rows are recycled.
@@ -167,9 +255,9 @@ class SparseTable:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by every array of the table (arenas, slots, metadata, index)."""
-        return int(self.values.nbytes + sum(a.nbytes for a in self.slots.values())
-                   + self.freq.nbytes + self.last_step.nbytes + self.index.nbytes
+        """Bytes held by every array of the table (arenas, slots, metadata, index, free
+        stack), not counting per-request scratch buffers."""
+        return int(sum(a.nbytes for a in self._arenas()) + self.index.nbytes
                    + self.pool.nbytes)
 
     def spec_dict(self) -> dict[str, Any]:
@@ -201,7 +289,7 @@ class SparseTable:
         out = {"keys": keys, "values": gather_rows(self.values, rows)}
         for s, arr in self.slots.items():
             out[f"slot:{s}"] = gather_rows(arr, rows)
-        out["freq"] = self.freq[rows]
+        out["freq"] = self.freq[rows].astype(np.int64)
         out["last_step"] = self.last_step[rows]
         return out
 
@@ -234,7 +322,8 @@ class SparseTable:
                     raise InvalidArgumentError(f"{m}: expected int64 of shape [{n}], got "
                                                f"{a.dtype} of shape {list(a.shape)}",
                                                table=self.name)
-                meta[m] = a.astype(np.int64, copy=False)
+                meta[m] = (np.clip(a, 0, _FREQ_MAX).astype(np.uint32) if m == "freq"
+                           else a.astype(np.int64, copy=False))
         rows = self._resolve(k)
         self.values[rows] = vals
         for s, a in slots.items():

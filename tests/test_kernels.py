@@ -11,12 +11,11 @@ from xdl.server.kernels import (
     TOMB,
     HashIndex,
     RowPool,
-    _slot_hash,
     first_duplicate,
     gather_rows,
+    home_slots,
     scatter_rows,
 )
-from xdl.sharding import mix64
 
 I64 = np.iinfo(np.int64)
 
@@ -72,7 +71,7 @@ def test_growth_through_many_rehashes_matches_dict() -> None:
         keys = rng.integers(-5000, 5000, size=rng.integers(1, 3000), dtype=np.int64)
         apply_insert(idx, arena, ref, keys)
         check_against(idx, ref)
-    assert idx.rehashes >= 5 and idx.capacity >= 16384
+    assert idx.rehashes >= 5 and idx.capacity >= len(ref) / MAX_LOAD
     assert len(arena.grows) >= 3
     absent = np.array([5000, 6000, -5001], dtype=np.int64)
     np.testing.assert_array_equal(idx.lookup(absent), [-1, -1, -1])
@@ -125,11 +124,10 @@ def test_delete_then_reinsert_same_key_finds_one_entry() -> None:
 
 
 def _colliding_keys(cap: int, n: int) -> np.ndarray:
-    """Keys whose slot hash lands on the same home slot of a table of ``cap`` slots."""
+    """Keys whose home slot is the same in a table of ``cap`` slots."""
     cand = np.arange(-200_000, 200_000, dtype=np.int64)
-    salted = (cand.view(np.uint64) ^ np.uint64(0x9E3779B97F4A7C15)).view(np.int64)
-    homes = mix64(salted) & np.uint64(cap - 1)
-    assert homes[0] == int(_slot_hash(cand[0])) & (cap - 1)  # same hash as the index
+    homes = home_slots(cand, cap)
+    assert ((homes >= 0) & (homes < cap)).all()
     picked = cand[homes == 3][:n]
     assert len(picked) == n
     return picked
@@ -228,6 +226,7 @@ def test_all_finite_and_touch_rows() -> None:
 
 def test_sharding_kernels_match_numpy() -> None:
     from xdl import sharding
+    from xdl.sharding import mix64
 
     rng = np.random.default_rng(3)
     ids = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 20000, dtype=np.int64)
@@ -275,3 +274,43 @@ def test_add_rows_accumulates_repeated_indices_like_add_at() -> None:
     want = np.ones((40, 5), np.float32)
     np.add.at(want, idx, src)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_arena_grows_in_place_or_copies_when_a_view_is_held() -> None:
+    from xdl.server.kernels import Arena
+
+    a = Arena(3, 2, np.float32)
+    a.array[:] = [[1, 2], [3, 4], [5, 6]]
+    a.grow(1000)
+    assert a.array.shape == (1000, 2) and a.nbytes == 8000
+    np.testing.assert_array_equal(a.array[:3], [[1, 2], [3, 4], [5, 6]])
+    assert not a.array[3:].any()  # new rows read as zero
+    held = a.array  # a view held elsewhere: the mapping cannot move, rows are copied
+    a.grow(5000)
+    np.testing.assert_array_equal(a.array[:3], held[:3])
+    held[0, 0] = 99  # the old view stays valid and is no longer the arena
+    assert a.array[0, 0] == 1 and a.array.shape == (5000, 2)
+    v = Arena(2, None, np.int64)
+    v.array[:] = [7, -8]
+    v.grow(3)
+    assert v.array.tolist() == [7, -8, 0]
+
+
+def test_mark_pushed_rows_marks_and_undoes() -> None:
+    from xdl.server.kernels import mark_pushed_rows, unmark_pushed_rows
+
+    idx = HashIndex(64)
+    arena = Arena(8)
+    idx.lookup_or_insert(np.array([10, 20, 30], dtype=np.int64), arena.pool)
+    freq = np.array([0, 4, 2**32 - 1], dtype=np.uint32)
+    last = np.array([5, 6, 7], dtype=np.int64)
+    rows = np.empty(4, np.int64)
+    saved = np.empty(4, np.int64)
+    absent, dup = mark_pushed_rows(idx, np.array([30, 99, 10, 20]), rows, freq, last, saved, 9)
+    assert (absent, dup) == (1, -1) and rows.tolist() == [2, -1, 0, 1]
+    assert freq.tolist() == [1, 5, 2**32 - 1] and last.tolist() == [9, 9, 9]  # saturated
+    unmark_pushed_rows(rows, freq, last, saved)
+    assert freq.tolist() == [0, 4, 2**32 - 1] and last.tolist() == [5, 6, 7]
+    absent, dup = mark_pushed_rows(idx, np.array([20, 10, 20, 30]), rows, freq, last, saved, 9)
+    assert dup == 2  # and nothing changed
+    assert freq.tolist() == [0, 4, 2**32 - 1] and last.tolist() == [5, 6, 7]

@@ -99,6 +99,11 @@ BAD_PUSHES = [
     ("grads dim", np.array([1, 2]), np.zeros((2, DIM + 1), np.float32), "[2, 4]"),
     ("grads 1-D", np.array([1]), np.zeros(DIM, np.float32), "[1, 4]"),
     ("duplicate", np.array([1, 77, 1]), np.zeros((3, DIM), np.float32), "key 1"),
+    # found by the lookup pass after earlier rows were marked: the marks are undone
+    ("duplicate late", np.array([3, 2, 77, 1, 2]), np.zeros((5, DIM), np.float32),
+     "key 2 appears more than once (second time at position 4)"),
+    ("duplicate new", np.array([1, 77, 2, 77]), np.zeros((4, DIM), np.float32),
+     "key 77 appears more than once (second time at position 3)"),
     ("nan", np.array([1, 77]), np.array([[0, 0, 0, np.nan], [0] * 4], np.float32), "NaN"),
     ("inf", np.array([1, 77]), np.array([[0] * 4, [0, -np.inf, 0, 0]], np.float32), "Inf"),
 ]
@@ -205,8 +210,7 @@ def test_bad_import_raises_and_changes_nothing(bad: dict[str, np.ndarray]) -> No
 
 def test_nbytes_and_describe() -> None:
     t = make(optim.Adam(0.01), capacity=16)
-    arrays = [t.values, *t.slots.values(), t.freq, t.last_step, t.index.keys, t.index.rows,
-              t.index.state, t.pool.free]
+    arrays = [t.values, *t.slots.values(), t.freq, t.last_step, t.index.slots, t.pool.free]
     assert t.nbytes == sum(a.nbytes for a in arrays)
     small = t.nbytes
     t.pull(np.arange(1000))
@@ -277,3 +281,26 @@ def test_dense_variable_validation_and_round_trip() -> None:
     assert var.nbytes == 3 * 4 * 2
     with pytest.raises(InvalidArgumentError):
         DenseVariable("w", (2,), optim.SGD(0.1), np.ones(3, np.float32))
+
+
+def test_large_push_in_prefetched_blocks_matches_one_pass() -> None:
+    # more rows than one prefetch block: the blocked update equals one optimizer pass
+    from xdl.server import optimizers
+
+    spec = optim.Adam.torch(0.01)
+    t = make(spec, capacity=16)
+    keys = np.random.default_rng(7).permutation(20_000).astype(np.int64) * 7919
+    t.pull(keys)
+    e0 = t.export()
+    order = np.argsort(e0["keys"])
+    values = e0["values"][order].copy()
+    slots = {s: e0[f"slot:{s}"][order].copy() for s in t.slots}
+    g = np.random.default_rng(8).standard_normal((keys.size, DIM)).astype(np.float32)
+    t.push(keys, g)
+    pos = np.searchsorted(e0["keys"][order], keys)
+    optimizers.apply(spec, values, slots, pos, g, 1)
+    s = snapshot(t)
+    np.testing.assert_array_equal(s["values"], values)
+    for name in slots:
+        np.testing.assert_array_equal(s[f"slot:{name}"], slots[name])
+    assert (s["freq"] == 1).all() and (s["last_step"] == 1).all()
