@@ -92,7 +92,7 @@ class Client(KeyValueCalls, DenseVariableCalls, CheckpointCalls):
         self._local = local
         self._router = ShardRouter(t)
         # read at construction so that a test may shorten the log through this module
-        self._pushlog = PushLog(PUSH_LOG_LENGTH, lock=t.lock)
+        self._pushlog = PushLog(PUSH_LOG_LENGTH)
         self._dims: dict[str, int] = {}
         self._dense_seen: dict[str, int] = {}
         self._closed = False

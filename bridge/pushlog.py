@@ -24,15 +24,16 @@ PUSH_LOG_LENGTH = 64
 class PushLog:
     """Per-table log of the ids of the last ``length`` pushes.
 
+    The log has its own lock, apart from the transport's: a mark or a look-up never
+    waits for a request in flight (a prefetch thread's pull, say). A push is recorded
+    after it is on the sockets, so a mark that counts it was taken after it was sent.
+
     :param length: pushes remembered per table.
-    :param lock: lock shared with whoever sends the pushes, so that a push is
-        counted exactly when it is on its way (default: a private lock).
     """
 
-    def __init__(self, length: int = PUSH_LOG_LENGTH,
-                 lock: threading.RLock | None = None) -> None:
+    def __init__(self, length: int = PUSH_LOG_LENGTH) -> None:
         self.length = int(length)
-        self.lock = lock if lock is not None else threading.RLock()
+        self.lock = threading.Lock()
         self._count: dict[str, int] = {}
         self._log: dict[str, deque[tuple[int, np.ndarray, bool]]] = {}
 
