@@ -337,6 +337,36 @@ class MXNetBackend(Backend):
             pending, self._pending = self._pending, []
         wait_backward(pending)
 
+    def wrapper(self, client: Any, tables: Any = None, *, sync_push: bool = True) -> Any:
+        """``xdl.mxnet_wrapper``: the core's :func:`xdl.wrapper.wrapper` for MXNet, whose
+        ``wait_pushes`` / ``close`` first wait for MXNet's asynchronous backward.
+
+        The pushed row gradients are d(loss)/d(rows) of the loss ``backward`` ran on; with
+        a ``gluon.Trainer`` for the dense part, back-propagate the mean loss and call
+        ``trainer.step(1)`` so both parts see the same scale (docs/mxnet.md).
+        """
+        from xdl.wrapper import wrapper
+
+        decorate = wrapper(client, tables, backend=self.name, sync_push=sync_push)
+
+        def mx_decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            wrapped = decorate(fn)
+            state = wrapped.xdl  # type: ignore[attr-defined]
+
+            def wait_pushes() -> None:
+                self.wait_backward()
+                state.wait_pushes()
+
+            def close() -> None:
+                self.wait_backward()
+                state.close()
+
+            wrapped.wait_pushes = wait_pushes  # type: ignore[attr-defined]
+            wrapped.close = close  # type: ignore[attr-defined]
+            return wrapped
+
+        return mx_decorate
+
     def _rows_of(self, remote: RemoteTable, unique_ids: np.ndarray, rows: np.ndarray,
                  anchor: Any, on_row_grads: RowGrads | None) -> Any:
         take = remote.add_gradients if on_row_grads is None else on_row_grads
