@@ -29,6 +29,8 @@ the square root, tf-keras' outside).
 **Unswap** puts an ordinary ``Embedding`` back (same object, original class, a new
 ``embeddings`` variable holding the trained rows); the model then saves with
 ``model.save("m.keras")`` and exports with ``model.export(dir)`` as any Keras model.
+Its compiled optimizer is replaced by a fresh one of the same configuration (the slots
+it had were for the anchors; the rows' optimizer state stays on the server).
 """
 
 from __future__ import annotations
@@ -169,13 +171,15 @@ def _initializer_spec(init: Any) -> xinit.Initializer | None:
     return None
 
 
-def _learning_rate(opt: Any) -> float:
-    lr = opt.learning_rate
-    if callable(lr) and not hasattr(lr, "numpy"):
-        raise InvalidArgumentError(
-            f"server_optimizer: {type(opt).__name__} has a learning-rate schedule "
-            f"({type(lr).__name__}); server tables take a constant learning rate")
-    return float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
+def _learning_rate(opt: Any, cfg: Mapping[str, Any]) -> float:
+    lr = cfg.get("learning_rate")
+    if isinstance(lr, (int, float, np.number)) and not isinstance(lr, bool):
+        # Keras keeps it as a float32 variable: take the shortest decimal of that float32
+        # (0.05, not 0.05000000074505806), the number the user wrote
+        return float(str(np.float32(lr)))
+    raise InvalidArgumentError(
+        f"server_optimizer: {type(opt).__name__} has a learning-rate schedule "
+        f"({type(opt.learning_rate).__name__}); server tables take a constant learning rate")
 
 
 def server_optimizer(optimizer: Any) -> xoptim.Optimizer:
@@ -190,7 +194,7 @@ def server_optimizer(optimizer: Any) -> xoptim.Optimizer:
     """
     kind = type(optimizer).__name__
     cfg = optimizer.get_config()
-    lr = _learning_rate(optimizer)
+    lr = _learning_rate(optimizer, cfg)
     legacy = type(optimizer).__module__.startswith("tf_keras")
     if cfg.get("weight_decay"):
         raise InvalidArgumentError(
@@ -401,19 +405,26 @@ class KerasAdapter(LayerAdapter):
         return []
 
     def finish(self, model: Any) -> Any:
-        """Reset the model's cached train / test / predict functions (and XLA)."""
+        """Reset the model's cached train / test / predict functions (and XLA); an
+        optimizer already built for the model's old variables is replaced by a fresh
+        one of the same configuration (its slots belonged to variables that are gone:
+        the embedding rows' optimizer state lives on the server)."""
         for attr in ("train_function", "test_function", "predict_function"):
             if getattr(model, attr, None) is not None:
                 setattr(model, attr, None)
         if getattr(model, "_jit_compile", False):
             model._jit_compile = False
         optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and getattr(optimizer, "built", False) and \
-                getattr(optimizer, "iterations", None) is not None and \
-                int(np.asarray(optimizer.iterations)) > 0:
-            warnings.warn("the model's optimizer was built for its variables before "
-                          "xdl.swap / xdl.unswap; call model.compile(...) again before fit",
-                          RuntimeWarning, stacklevel=3)
+        if optimizer is not None and (getattr(optimizer, "built", False)
+                                      or getattr(optimizer, "_built", False)):
+            model.optimizer = type(optimizer).from_config(optimizer.get_config())
+            if any(isinstance(layer, DistributedEmbedding)
+                   for _, layer in self.named_layers(model)):
+                warnings.warn(
+                    f"xdl.swap: the model's {type(optimizer).__name__} had been built for "
+                    "its old variables; it was replaced by a fresh one of the same "
+                    "configuration (its dense slots start again)", RuntimeWarning,
+                    stacklevel=4)
         return model
 
 

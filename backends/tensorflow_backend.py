@@ -18,8 +18,8 @@ end-of-backward hook).
 TensorFlow's tape only differentiates towards the sources it is asked for, so the rows
 hang off an *anchor*: a one-element trainable variable (of a Keras layer, of a table
 handle, or the backend's own) whose gradient is always zero, so the user's optimizer
-leaves it at zero. The anchor's gradient depends on the push callback, so the rows'
-gradient is handed over before the optimizer's update runs.
+leaves it at zero. The anchor's gradient is the output of the callback that hands the
+rows' gradient over, so that callback runs before the optimizer's update.
 """
 
 from __future__ import annotations
@@ -51,21 +51,25 @@ def _tf() -> Any:
     return _tf_module
 
 
+#: the anchor's gradient, returned by the gradient callbacks
+_ZERO = np.zeros(1, dtype=np.float32)
+
+
 def _float_rows(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _hang_off(anchor: Any, rows: Any, give: Any) -> Any:
     """``rows`` as a function of ``anchor``: the gradient of the result goes to
-    ``give(grad)`` (a host callback op builder) and ``anchor`` gets zeros."""
+    ``give(grad)`` (a host callback op builder), whose output (a zero) is the gradient
+    of ``anchor``. The anchor's gradient is the callback's own output, not a constant
+    with a control dependency, so that no graph optimisation can separate the two."""
     tf = _tf()
 
     @tf.custom_gradient
     def rows_of(a: Any) -> Any:
         def grad(dy: Any) -> Any:
-            done = give(tf.convert_to_tensor(dy))
-            with tf.control_dependencies([done]):
-                return tf.zeros_like(a)
+            return tf.reshape(give(tf.convert_to_tensor(dy)), tf.shape(a))
 
         return tf.identity(rows), grad
 
@@ -126,8 +130,8 @@ class TensorFlowBackend(Backend):
         tf = _tf()
 
         def give(dy: Any) -> Any:
-            return tf.numpy_function(lambda g: (on_grad(_float_rows(g)), np.int64(0))[1],
-                                     [dy], tf.int64, stateful=True, name="xdl_row_grads")
+            return tf.numpy_function(lambda g: (on_grad(_float_rows(g)), _ZERO)[1],
+                                     [dy], tf.float32, stateful=True, name="xdl_row_grads")
 
         rows_t = tf.convert_to_tensor(_float_rows(rows))
         return _hang_off(self.anchor() if anchor is None else anchor, rows_t, give)
@@ -159,13 +163,13 @@ class TensorFlowBackend(Backend):
     def _rows_of(self, remote: RemoteTable, rows: Any, unique: Any, anchor: Any) -> Any:
         tf = _tf()
 
-        def add(ids: np.ndarray, grad: np.ndarray) -> np.int64:
+        def add(ids: np.ndarray, grad: np.ndarray) -> np.ndarray:
             # a padding row, when there is one, is the last row: no id, no gradient
             remote.add_gradients(ids, _float_rows(grad[:ids.size]))
-            return np.int64(ids.size)
+            return _ZERO
 
         def give(dy: Any) -> Any:
-            return tf.numpy_function(add, [unique, dy], tf.int64, stateful=True,
+            return tf.numpy_function(add, [unique, dy], tf.float32, stateful=True,
                                      name="xdl_row_grads")
 
         rows.set_shape([None, remote.dim])

@@ -1,0 +1,229 @@
+"""Keras models through ``xdl.swap``: Sequential, functional and subclassed; the user's own
+compile / fit / evaluate / predict; unswap, then ``model.save`` / ``load_model`` and
+``model.export``. Keras 3 here; legacy Keras 2 (tf-keras) in a subprocess, since
+``TF_USE_LEGACY_KERAS`` must be set before TensorFlow is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+from fakes import FakeClient  # noqa: E402
+
+import xdl  # noqa: E402
+from xdl.adapters.keras import DistributedEmbedding, server_optimizer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+VOCAB, DIM, WIDTH, N, BATCH, LR = 40, 4, 3, 64, 16, 0.1
+TESTS = Path(__file__).resolve().parent
+
+
+def data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = np.minimum(rng.geometric(0.1, size=(N, WIDTH)), VOCAB - 1).astype(np.int32)
+    ids[rng.random((N, WIDTH)) < 0.2] = 0  # padding for mask_zero
+    return ids, (rng.random((N, 1)) < 0.4).astype(np.float32)
+
+
+def functional() -> Any:
+    """One Embedding (mask_zero) called twice, plus an int32 [N, 1] column."""
+    ids = keras.Input((WIDTH,), dtype="int32", name="ids")
+    emb = keras.layers.Embedding(VOCAB, DIM, mask_zero=True, name="item")
+    pooled = keras.layers.GlobalAveragePooling1D()(emb(ids))  # reads the mask
+    first = keras.layers.Flatten()(emb(ids[:, :1]))  # an int32 [N, 1] column
+    x = keras.layers.Concatenate()([pooled, first])
+    out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Dense(8, "tanh")(x))
+    return keras.Model(ids, out)
+
+
+def sequential() -> Any:
+    return keras.Sequential([keras.Input((WIDTH,), dtype="int32"),
+                             keras.layers.Embedding(VOCAB, DIM, name="item"),
+                             keras.layers.Flatten(), keras.layers.Dense(1, "sigmoid")])
+
+
+class Subclassed(keras.Model):  # type: ignore[misc]
+    """Two embeddings as attributes, one in a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.item = keras.layers.Embedding(VOCAB, DIM)
+        self.towers = [keras.layers.Embedding(VOCAB, DIM)]
+        self.head = keras.layers.Dense(1, activation="sigmoid")
+
+    def call(self, ids: Any) -> Any:
+        x = tf.reduce_sum(self.item(ids), 1) + tf.reduce_mean(self.towers[0](ids), 1)
+        return self.head(x)
+
+
+BUILDERS: dict[str, Callable[[], Any]] = {"functional": functional, "sequential": sequential,
+                                          "subclassed": Subclassed}
+
+
+def build(kind: str) -> Any:
+    keras.utils.set_random_seed(7)
+    model = BUILDERS[kind]()
+    model(data()[0][:2])  # built: the local rows exist
+    return model
+
+
+def fit(model: Any, epochs: int = 2) -> list[float]:
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="binary_crossentropy")
+    ids, label = data()
+    return model.fit(ids, label, batch_size=BATCH, epochs=epochs, shuffle=False,
+                     verbose=0).history["loss"]
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_swap_trains_like_local_and_unswaps_for_saving(kind: str, tmp_path: Path) -> None:
+    ids, _ = data()
+    local = build(kind)
+    local_losses = fit(local)
+    expect = local.predict(ids, verbose=0)
+
+    model = build(kind)
+    before = model.predict(ids, verbose=0)
+    client = FakeClient()
+    assert xdl.swap(model, client, optimizer=xdl.optim.SGD(lr=LR), prefix=f"{kind}.") is model
+    embeddings = [layer for layer in model._flatten_layers()
+                  if isinstance(layer, keras.layers.Embedding)]
+    assert embeddings and all(isinstance(e, DistributedEmbedding) for e in embeddings)
+    names = [v.path for v in model.trainable_variables]
+    assert not any(n.endswith("embeddings") for n in names)
+    assert sum(n.endswith("xdl_anchor") for n in names) == len(embeddings)
+    np.testing.assert_array_equal(model.predict(ids, verbose=0), before)  # the same model
+    if kind == "subclassed":
+        assert sorted(client.tables) == ["subclassed.item", "subclassed.towers.0"]
+    else:
+        assert sorted(client.tables) == [f"{kind}.item"]
+
+    losses = fit(model)
+    steps = 2 * N // BATCH
+    assert len(client.pushes) >= (steps - 1) * len(embeddings)  # the last is still buffered
+    assert len(client.pushes) <= steps * len(embeddings)  # one push per table per step
+    np.testing.assert_allclose(losses, local_losses, rtol=0, atol=1e-5)
+    trained = model.predict(ids, verbose=0)
+    np.testing.assert_allclose(trained, expect, rtol=0, atol=1e-5)
+    with pytest.raises(AttributeError, match="rows live on the parameter server"):
+        _ = embeddings[0].embeddings
+
+    xdl.unswap(model)
+    assert all(type(e) is keras.layers.Embedding for e in embeddings)
+    np.testing.assert_allclose(model.predict(ids, verbose=0), trained, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(embeddings[0].embeddings.numpy(),
+                               local.get_layer(index=None, name=embeddings[0].name)
+                               .embeddings.numpy() if kind != "subclassed"
+                               else local.item.embeddings.numpy(), rtol=0, atol=1e-5)
+    if kind != "subclassed":  # a subclassed model needs its class registered to load
+        model.save(tmp_path / "m.keras")
+        loaded = keras.models.load_model(tmp_path / "m.keras")
+        np.testing.assert_allclose(loaded.predict(ids, verbose=0), trained, rtol=0, atol=1e-6)
+    if kind == "functional":
+        model.export(tmp_path / "saved", verbose=False)
+        restored = tf.saved_model.load(str(tmp_path / "saved"))  # keep it: it owns the variables
+        np.testing.assert_allclose(restored.serve(ids).numpy(), trained, rtol=0, atol=1e-6)
+
+
+def test_mask_zero_same_mask_and_hash_mode() -> None:
+    ids, label = data()
+    model = build("functional")
+    layer = model.get_layer("item")
+    mask = layer.compute_mask(tf.constant(ids))
+    client = FakeClient()
+    xdl.swap(model, client, id_mode="hash", prefix="hash.")
+    assert client.tables["hash.item"].initializer == xdl.init.Uniform(low=-0.05, high=0.05)
+    np.testing.assert_array_equal(layer.compute_mask(tf.constant(ids)).numpy(), mask.numpy())
+    out = layer(tf.constant([[2**40, 0]], tf.int64))  # raw hashes are not range-checked
+    assert out.shape == (1, 2, DIM)
+    model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy")
+    model.fit(ids, label, batch_size=BATCH, epochs=1, verbose=0)
+    model.evaluate(ids, label, verbose=0)
+    assert client.pushes
+    with pytest.raises(xdl.errors.XdlError, match="hash mode"):
+        xdl.unswap(model)
+
+
+def test_server_optimizer_follows_the_keras_in_use() -> None:
+    spec = server_optimizer(keras.optimizers.Adagrad(0.05))
+    assert spec == xdl.optim.Adagrad(lr=0.05, initial_accumulator=0.1, eps=1e-7,
+                                     eps_inside_sqrt=True)  # Keras 3: inside the root
+    assert server_optimizer(keras.optimizers.SGD(0.2)) == xdl.optim.SGD(lr=0.2)
+    assert server_optimizer(keras.optimizers.SGD(0.2, momentum=0.5)).variant == "tf"
+    assert server_optimizer(keras.optimizers.Adam(1e-3)).eps_hat
+    with pytest.raises(xdl.errors.InvalidArgumentError, match="schedule"):
+        server_optimizer(keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(
+            0.1, 10, 0.9)))
+
+
+LEGACY = textwrap.dedent("""
+    import os, sys
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    sys.path.insert(0, {tests!r})
+    import numpy as np
+    import tensorflow as tf
+    keras = tf.keras
+    assert keras.__name__.startswith("tf_keras"), keras.__name__
+    import xdl
+    from fakes import FakeClient
+    from xdl.adapters.keras import DistributedEmbedding, server_optimizer
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30, (64, 3)).astype(np.int32)
+    label = (rng.random((64, 1)) < 0.4).astype(np.float32)
+
+    def build():
+        tf.keras.utils.set_random_seed(3)
+        inp = keras.Input((3,), dtype="int32")
+        emb = keras.layers.Embedding(30, 4, mask_zero=True, name="item")
+        x = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling1D()(emb(inp)),
+                                        keras.layers.Flatten()(emb(inp[:, :1]))])
+        return keras.Model(inp, keras.layers.Dense(1, "sigmoid")(x))
+
+    def fit(model):
+        model.compile(keras.optimizers.Adagrad(0.05), "binary_crossentropy")
+        return model.fit(ids, label, batch_size=16, epochs=3, shuffle=False,
+                         verbose=0).history["loss"]
+
+    local = build()
+    local_losses = fit(local)
+    model = build()
+    before = model.predict(ids, verbose=0)
+    spec = server_optimizer(keras.optimizers.Adagrad(0.05))
+    assert spec.eps_inside_sqrt is False, spec  # tf-keras: epsilon outside the root
+    client = FakeClient()  # its Adagrad divides by sqrt(accum) + eps, as tf-keras
+    xdl.swap(model, client, optimizer=spec)
+    layer = model.get_layer("item")
+    assert isinstance(layer, DistributedEmbedding) and isinstance(layer, keras.layers.Embedding)
+    assert [w.name for w in model.trainable_weights][0].endswith("xdl_anchor:0")
+    np.testing.assert_array_equal(model.predict(ids, verbose=0), before)
+    np.testing.assert_allclose(fit(model), local_losses, rtol=0, atol=1e-5)
+    trained = model.predict(ids, verbose=0)
+    np.testing.assert_allclose(trained, local.predict(ids, verbose=0), rtol=0, atol=1e-5)
+    xdl.unswap(model)
+    assert type(layer) is keras.layers.Embedding
+    np.testing.assert_allclose(model.predict(ids, verbose=0), trained, rtol=0, atol=1e-6)
+    model.save({out!r} + "/m.keras")
+    loaded = keras.models.load_model({out!r} + "/m.keras")
+    np.testing.assert_allclose(loaded.predict(ids, verbose=0), trained, rtol=0, atol=1e-6)
+    tf.saved_model.save(model, {out!r} + "/saved")
+    print("legacy ok")
+""")
+
+
+def test_legacy_tf_keras_in_a_subprocess(tmp_path: Path) -> None:
+    pytest.importorskip("tf_keras")
+    code = LEGACY.format(tests=str(TESTS), out=str(tmp_path))
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=150, env=env)
+    assert proc.returncode == 0 and "legacy ok" in proc.stdout, proc.stderr[-4000:]
