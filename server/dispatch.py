@@ -55,6 +55,9 @@ class Dispatcher:
         self.state = state
         self.handlers = dict(handlers)
         self._logged: set[tuple[str, str, str]] = set()
+        #: called as ``journal(frames, request, ok)`` after a request ran (not a resend),
+        #: before its reply: the write-ahead log (:class:`xdl.server.wal.Durability`)
+        self.journal: Callable[[list[Any], Request, bool], None] | None = None
 
     def handle(self, frames: list[Any], respond: Respond) -> None:
         """Serve one request (its frames without the routing identity); never raises."""
@@ -84,7 +87,7 @@ class Dispatcher:
                     f"{sorted(c.decode() for c in self.handlers)}")
             cid, inc = _identify(header)
             req = Request(command, header, arrays, cid, inc, seq, respond)
-            ok = self._route(handler, req)
+            ok = self._route(handler, req, frames)
         except XdlError as exc:
             respond(self._error_reply(command, seq, exc))
         except Exception as exc:  # decoding or filtering bug: still a reply, never a crash
@@ -96,9 +99,11 @@ class Dispatcher:
                 st = self.state.stats[name] = CommandStats()
             st.record(time.perf_counter() - t0, ok)
 
-    def _route(self, handler: Handler, req: Request) -> bool:
+    def _route(self, handler: Handler, req: Request, frames: list[Any]) -> bool:
         if req.command not in P.MUTATING:
             reply, refusal = self._run(handler, req)
+            if self.journal is not None and req.command == P.SAVE:
+                self.journal(frames, req, refusal is None)
             if reply is not None:
                 req.respond(reply)
             return refusal is None
@@ -111,6 +116,8 @@ class Dispatcher:
         reply, refusal = self._run(handler, req)
         assert reply is not None, "mutating handlers answer at once"
         filt.remember(rec, req.seq, reply, refusal)
+        if self.journal is not None:
+            self.journal(frames, req, refusal is None)
         req.respond(reply)
         return refusal is None
 

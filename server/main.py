@@ -38,6 +38,23 @@ def parser(prog: str = "xdl server") -> argparse.ArgumentParser:
                    help="the only folder under which SAVE and LOAD may write and read "
                         "(XDL_CHECKPOINT_ROOT)")
     p.add_argument("--load", metavar="CKPT", help="restore this checkpoint before serving")
+    p.add_argument("--wal-dir", default=os.environ.get("XDL_WAL_DIR"),
+                   help="keep a write-ahead log here: every acknowledged change survives a "
+                        "crash, and a restart recovers from it (XDL_WAL_DIR)")
+    p.add_argument("--wal-fsync", default=os.environ.get("XDL_WAL_FSYNC", "every"),
+                   help="when the log is synced before replies: 'every' (group commit per "
+                        "loop turn, the default), a number of milliseconds, or 'none' "
+                        "(survives a killed process, not a power cut) (XDL_WAL_FSYNC)")
+    p.add_argument("--curve-secret", metavar="FILE",
+                   help="this shard's CURVE key pair (from `xdl keys generate`); with "
+                        "--curve-clients, only those clients may connect "
+                        "(XDL_CURVE_SERVER_SECRET)")
+    p.add_argument("--curve-clients", metavar="PATH",
+                   help="folder of allowed client public keys (*.key) or a comma-separated "
+                        "list of key files (XDL_CURVE_CLIENTS)")
+    p.add_argument("--curve-admins", metavar="PATH",
+                   help="public keys allowed to send SHUTDOWN, SAVE and LOAD (default: every "
+                        "allowed client) (XDL_CURVE_ADMINS)")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default=os.environ.get("XDL_LOG_LEVEL", "INFO"))
     return p
@@ -52,8 +69,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "xdl server") -> int:
         print(f"{prog}: --shard {args.shard} out of range for --num-shards {args.num_shards}",
               file=sys.stderr)
         return 2
-    from .service import serve
+    from xdl.errors import XdlError
+    from xdl.security import ServerSecurity
 
+    from .service import serve
+    from .wal import parse_fsync
+
+    try:
+        parse_fsync(args.wal_fsync)
+        security = ServerSecurity.from_options(args.curve_secret, args.curve_clients,
+                                               args.curve_admins)
+    except XdlError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
     return serve(args.bind, args.shard, args.num_shards,
                  max_request_bytes=args.max_request_bytes, parent_pid=args.parent_pid,
-                 load=args.load, checkpoint_root=args.checkpoint_root)
+                 load=args.load, checkpoint_root=args.checkpoint_root, wal_dir=args.wal_dir,
+                 wal_fsync=args.wal_fsync, security=security)

@@ -16,11 +16,13 @@ import zmq
 from xdl import init as xinit
 from xdl import optim as xoptim
 from xdl import protocol as P
+from xdl.security import ServerSecurity, warn_if_exposed
 from xdl.sharding import first_outside
 
 from . import checkpoint
 from .shard import Shard
 from .table import SparseTable
+from .wal import Durability
 
 log = logging.getLogger("xdl.server")
 
@@ -53,11 +55,14 @@ def _release_memory() -> None:
 def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
           max_request_bytes: int = P.DEFAULT_MAX_REQUEST_BYTES,
           parent_pid: int | None = None, load: str | None = None,
-          checkpoint_root: str | None = None) -> int:
+          checkpoint_root: str | None = None, wal_dir: str | None = None,
+          wal_fsync: str = "every", security: ServerSecurity | None = None) -> int:
     """Run one shard until SHUTDOWN, SIGTERM or SIGINT (or the parent process dies).
 
-    Prints ``XDL-READY <endpoint>`` on stdout once the kernels are compiled and the
-    socket is bound (``tcp://127.0.0.1:0`` binds a free port and prints it).
+    Prints ``XDL-READY <endpoint>`` on stdout once the kernels are compiled, the socket
+    is bound (``tcp://127.0.0.1:0`` binds a free port and prints it) and the state is
+    recovered from the write-ahead log in ``wal_dir`` (see :mod:`xdl.server.wal`).
+    With ``security``, the socket speaks CurveZMQ (see :mod:`xdl.security`).
     """
     state = Shard(shard, num_shards, max_request_bytes, checkpoint_root=checkpoint_root)
     warm_up()
@@ -69,6 +74,8 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
     # connection is dropped), and the dispatcher answers TOO_LARGE when the frames of
     # one message add up to more.
     sock.setsockopt(zmq.MAXMSGSIZE, max_request_bytes + P.MAX_HEADER_BYTES)
+    if security is not None:
+        security.secure(ctx, sock)
     try:
         if bind.endswith(":0"):
             port = sock.bind_to_random_port(bind[: bind.rindex(":")])
@@ -78,16 +85,28 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
             endpoint = bind
     except zmq.ZMQError as exc:
         print(f"xdl server: cannot bind {bind}: {exc}", file=sys.stderr)
-        sock.close(0)
-        ctx.term()
+        _close(sock, ctx, security)
         return 2
-    if load:
+    warn_if_exposed(endpoint, security)
+    try:
+        durability = Durability.open(state, wal_dir, wal_fsync) if wal_dir else Durability(state)
+    except Exception as exc:
+        print(f"xdl server: cannot recover from the write-ahead log in {wal_dir}: {exc}",
+              file=sys.stderr)
+        _close(sock, ctx, security)
+        return 2
+    if load and durability.recovered:
+        log.info("--load %s not used: the write-ahead log in %s holds newer state", load,
+                 wal_dir)
+    elif load:
         try:
-            checkpoint.swap_in(state, checkpoint.stage(state, checkpoint.resolve(load)))
+            path = checkpoint.resolve(load)
+            checkpoint.swap_in(state, checkpoint.stage(state, path))
+            durability.loaded(path)
         except Exception as exc:
             print(f"xdl server: cannot load {load}: {exc}", file=sys.stderr)
-            sock.close(0)
-            ctx.term()
+            durability.close()
+            _close(sock, ctx, security)
             return 2
     stop = {"flag": False}
 
@@ -102,7 +121,8 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
     poller.register(sock, zmq.POLLIN)
     try:
         while not stop["flag"] and not state.stopping:
-            ready = poller.poll(200)
+            ready = poller.poll(durability.timeout_ms(200))
+            durability.tick()
             if state.parked:
                 state.expire_parked(time.monotonic())
             if not ready:
@@ -116,29 +136,47 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
                     msg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                _serve_one(state, sock, msg)
+                _serve_one(state, sock, msg, durability, security)
                 if state.stopping:
                     break
+            durability.tick()  # group commit: one sync for what this turn drained
     finally:
         state.refuse_parked("was cut short: the shard stops")
-        sock.close(0)
-        ctx.term()
+        try:
+            durability.close()
+        finally:
+            _close(sock, ctx, security)
         log.info("shard %d stopped", shard)
     return 0
 
 
-def _serve_one(state: Shard, sock: zmq.Socket, msg: list[Any]) -> None:
+def _close(sock: zmq.Socket, ctx: zmq.Context, security: ServerSecurity | None) -> None:
+    sock.close(0)
+    if security is not None:
+        security.stop()
+    ctx.term()
+
+
+def _serve_one(state: Shard, sock: zmq.Socket, msg: list[Any], durability: Durability,
+               security: ServerSecurity | None = None) -> None:
     """Hand one message to the shard; nothing that happens here stops the loop."""
     identity, body = msg[0], msg[1:]
     size = sum(len(f) for f in body)
 
-    def respond(frames: list[Any], _id: Any = identity) -> None:
+    def send(frames: list[Any], _id: Any = identity) -> None:
         try:
             sock.send_multipart([_id, *frames], copy=False)
         except zmq.ZMQError as exc:  # the peer is gone or its queue is full
             log.warning("shard %d: reply not sent: %s", state.shard, exc)
 
+    def respond(frames: list[Any]) -> None:
+        durability.send(send, frames)
+
     try:
+        refusal = security.refusal(body) if security is not None else None
+        if refusal is not None:  # an admin command from a key that is not an admin's
+            respond(refusal)
+            return
         state.handle(body, respond)
     except Exception:  # handle() answers every failure itself; this is the last line
         log.error("shard %d: request not served:\n%s", state.shard, traceback.format_exc())

@@ -519,3 +519,122 @@ def iter_records(directory: str) -> Iterator[Record]:
         with open(os.path.join(directory, n), "rb") as f:
             records, _, _ = decode_records(f.read(), n)
         yield from records
+
+
+# ---------------------------------------------------------------------- the service's side
+class Durability:
+    """A shard's write-ahead log, reply gate and boot id, as the service loop uses them.
+
+    Every reply is stamped with the process's boot id (``boot``) and whether it keeps a
+    log (``wal``), so a client notices a restarted shard. With a log, the dispatcher
+    reports each request it ran (:meth:`observe`) and replies wait for durability.
+
+    :param shard: the shard (a :class:`xdl.server.shard.Shard`).
+    :param wal: its open log, or None to run without one.
+    """
+
+    def __init__(self, shard: Any, wal: WriteAheadLog | None = None) -> None:
+        self.shard = shard
+        self.wal = wal
+        self.gate = ReplyGate(wal)
+        self.journal = ShardJournal(wal) if wal is not None else None
+        self.boot = os.urandom(8).hex()
+        self.report = RecoveryReport()
+        self._last_trim = time.monotonic()
+        if self.journal is not None:
+            shard.dispatcher.journal = self.observe
+
+    @classmethod
+    def open(cls, shard: Any, directory: str, fsync: str | float = "every",
+             segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Durability:
+        """Open the log in ``directory`` and rebuild ``shard``'s state from it."""
+        self = cls(shard, WriteAheadLog(directory, fsync=fsync, segment_bytes=segment_bytes))
+        assert self.journal is not None
+        self.report = self.journal.recover(self._load, self._replay)
+        if self.report.records:
+            log.info("shard %d recovered from its write-ahead log in %.2f s: %s, %d requests "
+                     "replayed (%d torn bytes cut)", shard.shard, self.report.seconds,
+                     f"checkpoint {self.report.base}" if self.report.base else "no checkpoint",
+                     self.report.replayed, self.report.truncated_bytes)
+        return self
+
+    @property
+    def recovered(self) -> bool:
+        """Whether the log held records when opened (its state wins over ``--load``)."""
+        return self.report.records > 0
+
+    def _load(self, path: str, clients: dict[str, list[Any]] | None) -> None:
+        from . import checkpoint
+        from .exactly_once import ClientRecord
+
+        checkpoint.swap_in(self.shard, checkpoint.stage(self.shard, path))
+        if clients is not None:  # this shard's own marks, not the merge of every part
+            self.shard.clients = {cid: ClientRecord.from_json(v) for cid, v in clients.items()}
+
+    def _replay(self, frames: list[memoryview]) -> None:
+        self.shard.handle(frames, lambda reply: None)
+
+    def loaded(self, path: str) -> None:
+        """Record that the state was replaced by checkpoint ``path`` (``--load`` at start)."""
+        if self.journal is not None:
+            self.journal.record_base(path)
+
+    def observe(self, frames: Sequence[Buffer], req: Any, ok: bool) -> None:
+        """Dispatcher hook, called after a request ran and before its reply: log it.
+
+        If the log cannot be written, the shard stops: its memory is now ahead of its
+        log, and a restart from the log is the way back to a state it can vouch for.
+        """
+        from xdl import protocol as P
+
+        assert self.journal is not None
+        command = req.command
+        try:
+            if command == P.SAVE:
+                if ok:
+                    from .admin import checkpoint_dir
+
+                    self.journal.record_save(
+                        checkpoint_dir(self.shard, req.header),
+                        {cid: r.to_json() for cid, r in self.shard.clients.items()})
+            elif command == P.LOAD:
+                if ok and req.header.get("phase") in (None, "commit"):
+                    from .admin import checkpoint_dir
+
+                    self.journal.record_base(checkpoint_dir(self.shard, req.header))
+            elif command in P.MUTATING:
+                self.journal.record_request(frames)
+        except Exception:
+            log.critical("shard %d cannot write its write-ahead log; it stops so that a "
+                         "restart recovers a state it acknowledged", self.shard.shard)
+            self.shard.stopping = True
+            raise
+
+    def send(self, send: Callable[[list[Any]], None], frames: list[Any]) -> None:
+        """Stamp the boot id on a reply and send it once what it follows is durable."""
+        if len(frames) >= 3:
+            header = codec.unpackb(_bytes_of(frames[2]))
+            header["boot"] = self.boot
+            header["wal"] = self.wal is not None
+            frames = [frames[0], frames[1], codec.packb(header), *frames[3:]]
+        self.gate.send(send, frames)
+
+    def timeout_ms(self, idle_ms: int) -> int:
+        """How long the loop may block in poll."""
+        return self.gate.timeout_ms(idle_ms)
+
+    def tick(self) -> None:
+        """Group commit when due; now and then drop segments a checkpoint covers."""
+        self.gate.commit_if_due()
+        now = time.monotonic()
+        if self.journal is not None and now - self._last_trim > 1.0:
+            self._last_trim = now
+            self.journal.trim()
+
+    def close(self) -> None:
+        """Sync and release every held reply, then close the log."""
+        try:
+            self.gate.commit_if_due(force=True)
+        finally:
+            if self.wal is not None:
+                self.wal.close()
