@@ -37,7 +37,7 @@ class Shard:
 
     def __init__(self, k: int, n: int, wal_dir: str, root: str, fsync: str) -> None:
         self.k, self.n, self.wal_dir, self.root, self.fsync = k, n, wal_dir, root, fsync
-        self.endpoint = f"tcp://127.0.0.1:0"
+        self.endpoint = "tcp://127.0.0.1:0"
         self.proc: subprocess.Popen[str] | None = None
         self.log = open(os.path.join(os.path.dirname(wal_dir), f"shard{k}.log"), "a")
 
