@@ -13,6 +13,11 @@ framework's optimizer, so a table reproduces what the framework would have done 
 Updates are sparse and lazy: only the rows a push names are touched, and per-row
 state (Adam's step count ``t``) advances only when the row is pushed, as TF's
 LazyAdam and torch's SparseAdam do. Below, ``g`` is a row's gradient, ``w`` its value.
+
+Every optimizer takes ``weight_decay`` (default 0): an L2 penalty ``wd/2 * |w|^2`` on
+the rows a push touches, applied as ``g + wd * w`` before the update (torch's coupled
+``weight_decay``). It is the server's counterpart of an embedding regularizer; unlike a
+local L2 term over the whole table, rows a step does not look up are not decayed.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ class Optimizer:
         lr = getattr(self, "lr", 1.0)
         if not lr > 0:
             raise InvalidArgumentError(f"{name}.lr must be > 0, got {lr}")
+        decay = getattr(self, "weight_decay", 0.0)
+        if decay < 0:
+            raise InvalidArgumentError(f"{name}.weight_decay must be >= 0, got {decay}")
         self._validate()
 
     def _validate(self) -> None:
@@ -148,6 +156,7 @@ class SGD(Optimizer):
     """
 
     lr: float
+    weight_decay: float = 0.0
     kind: ClassVar[str] = "sgd"
     _PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {"lr": 1e-3}, "tensorflow": {"lr": 0.01}, "mxnet": {"lr": 0.01}}
@@ -176,6 +185,7 @@ class Momentum(Optimizer):
     momentum: float = 0.9
     nesterov: bool = False
     variant: str = "torch"
+    weight_decay: float = 0.0
     kind: ClassVar[str] = "momentum"
     _non_float: ClassVar[tuple[str, ...]] = ("nesterov", "variant")
     _PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -211,6 +221,7 @@ class Adagrad(Optimizer):
     initial_accumulator: float = 0.0
     eps: float = 1e-10
     eps_inside_sqrt: bool = False
+    weight_decay: float = 0.0
     kind: ClassVar[str] = "adagrad"
     _non_float: ClassVar[tuple[str, ...]] = ("eps_inside_sqrt",)
     _PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -259,6 +270,7 @@ class Adam(Optimizer):
     beta2: float = 0.999
     eps: float = 1e-8
     eps_hat: bool = False
+    weight_decay: float = 0.0
     kind: ClassVar[str] = "adam"
     _non_float: ClassVar[tuple[str, ...]] = ("eps_hat",)
     _PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -308,6 +320,7 @@ class RMSProp(Optimizer):
     centered: bool = False
     eps_inside_sqrt: bool = False
     initial_accumulator: float = 0.0
+    weight_decay: float = 0.0
     kind: ClassVar[str] = "rmsprop"
     _non_float: ClassVar[tuple[str, ...]] = ("centered", "eps_inside_sqrt")
     _PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -370,6 +383,7 @@ class FTRL(Optimizer):
     l2_shrinkage: float = 0.0
     beta: float = 0.0
     initial_accumulator: float = 0.1
+    weight_decay: float = 0.0
     kind: ClassVar[str] = "ftrl"
     _PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {"lr": 1e-3, "initial_accumulator": 0.1},

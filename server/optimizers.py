@@ -343,4 +343,7 @@ def apply(spec: Optimizer, values: np.ndarray, slots: dict[str, np.ndarray], row
     """
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     grads = np.ascontiguousarray(grads, dtype=np.float32)
+    decay = float(getattr(spec, "weight_decay", 0.0))
+    if decay:  # L2 on the touched rows, as torch's coupled weight_decay: g + wd * w
+        grads = grads + np.float32(decay) * values[rows]
     kernel_for(spec)(spec, values, slots, rows, grads, step)

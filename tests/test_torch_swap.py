@@ -401,3 +401,27 @@ def test_references_to_replaced_weights_are_rewired_or_named() -> None:
     assert id(user_weight) not in held  # dropped from the optimizer's param group
     assert held == {id(p) for p in model.parameters()}
     assert regularized[0] is user_weight
+
+
+@pytest.mark.parametrize("spec, local", [
+    (xdl.optim.SGD(lr=0.1, weight_decay=0.01),
+     lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01)),
+    (xdl.optim.Adagrad.torch(lr=0.1, weight_decay=0.01),
+     lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.01)),
+])
+def test_server_weight_decay_is_torchs(spec: Any, local: Any) -> None:
+    from xdl.server.table import SparseTable
+
+    table = SparseTable("t", 3, xdl.init.Normal(stddev=1.0), spec, seed=1)
+    ids = np.array([1, 5])
+    param = nn.Parameter(torch.from_numpy(table.pull(ids).copy()))
+    opt = local([param])
+    for k in range(3):
+        grad = np.random.default_rng(k).standard_normal((2, 3)).astype(np.float32)
+        table.push(ids, grad)
+        param.grad = torch.from_numpy(grad)
+        opt.step()
+    np.testing.assert_allclose(table.pull(ids), param.detach().numpy(), rtol=0, atol=1e-7)
+    assert xdl.optim.from_dict({"kind": "sgd", "lr": 1.0}).weight_decay == 0.0
+    with pytest.raises(InvalidArgumentError, match="weight_decay"):
+        xdl.optim.SGD(lr=0.1, weight_decay=-1.0)
