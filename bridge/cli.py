@@ -7,6 +7,7 @@ Examples::
     xdl stats --servers ...          # rows, bytes, request counts and latencies
     xdl save --servers ... ckpt/     # checkpoint; `xdl load` restores one
     xdl plugins                      # every plugin with its version and hooks
+    xdl keys generate keys/ server alice   # CURVE key pairs for a secured cluster
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--keep", type=int, default=None,
                            help="delete all but the KEEP newest checkpoints afterwards")
     sub.add_parser("plugins", help="list plugins with their versions and hooks")
+    k = sub.add_parser("keys", help="CURVE keys for a secured cluster")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    g = ksub.add_parser("generate", help="write NAME.key (public) and NAME.key_secret "
+                                         "(owner-only) into DIR for each NAME")
+    g.add_argument("dir")
+    g.add_argument("names", nargs="*", help="one key pair per name (default: server client)")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -80,6 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from xdl.plugins import format_plugins
 
         print(format_plugins())
+        return 0
+    if args.command == "keys":
+        from xdl.errors import XdlError
+        from xdl.security import generate_keys
+
+        try:
+            for public, secret in generate_keys(args.dir, args.names or ["server", "client"]):
+                print(f"{public}\n{secret}")
+        except XdlError as exc:
+            print(f"xdl keys: {exc}", file=sys.stderr)
+            return 1
         return 0
     if not args.servers:
         print(f"xdl {args.command}: no servers: pass --servers or set XDL_SERVERS",

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import shutil
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import zmq
 
 from xdl import codec
 from xdl import protocol as P
 from xdl import security as S
-from xdl.errors import InvalidArgumentError
+from xdl.cli import main as xdl_main
+from xdl.client import connect
+from xdl.errors import InvalidArgumentError, PermissionDeniedError, ServerUnavailableError
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A folder with key pairs server, alice, admin, mallory; allowed/ holds alice's key."""
     d = str(tmp_path_factory.mktemp("keys"))
-    S.generate_keys(d, ["server", "alice", "admin", "mallory"])
+    assert xdl_main(["keys", "generate", d, "server", "alice", "admin", "mallory"]) == 0
     os.makedirs(os.path.join(d, "allowed"))
     shutil.copy(os.path.join(d, "alice.key"), os.path.join(d, "allowed"))
     return d
@@ -153,3 +160,83 @@ def test_binding_beyond_loopback_without_curve_warns(endpoint: str, local: bool,
                                             os.path.join(keys, "allowed"))
         assert S.warn_if_exposed(endpoint, sec) is False
     assert any("without CURVE" in r.getMessage() for r in caplog.records) is (not local)
+
+
+@pytest.fixture(scope="module")
+def secured(keys: str, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+    """A shard process that accepts alice and admin, and SHUTDOWN/SAVE/LOAD from admin only."""
+    logpath = str(tmp_path_factory.mktemp("shardlog") / "shard.log")
+    with open(logpath, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xdl.server", "--bind", "tcp://127.0.0.1:0",
+             "--curve-secret", os.path.join(keys, "server.key_secret"),
+             "--curve-clients", os.path.join(keys, "allowed"),
+             "--curve-admins", os.path.join(keys, "admin.key"),
+             "--parent-pid", str(os.getpid())],
+            stdout=subprocess.PIPE, stderr=err, text=True, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    endpoint = ""
+    deadline = time.monotonic() + 120
+    while not endpoint and time.monotonic() < deadline and proc.poll() is None:
+        if sel.select(0.5):
+            line = proc.stdout.readline()
+            if line.startswith(P.READY_PREFIX):
+                endpoint = line[len(P.READY_PREFIX):].strip()
+    sel.close()
+    try:
+        assert endpoint, f"shard did not start: {open(logpath).read()}"
+        yield endpoint, logpath, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        proc.stdout.close()
+
+
+def as_client(keys: str, name: str, endpoint: str, **kw: Any) -> Any:
+    return connect([endpoint], curve_secret=os.path.join(keys, f"{name}.key_secret"),
+                   curve_server_key=os.path.join(keys, "server.key"), **kw)
+
+
+def log_text(path: str, needle: str, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            if needle in f.read():
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def test_an_allowed_client_works_over_curve(keys: str, secured: Any) -> None:
+    endpoint, _, _ = secured
+    with as_client(keys, "alice", endpoint, timeout=20.0) as client:
+        client.create_table("t", dim=2)
+        ids = np.array([1, 2, 3], dtype=np.int64)
+        client.wait(client.push("t", ids, np.ones((3, 2), np.float32)))
+        np.testing.assert_allclose(client.pull("t", ids), np.full((3, 2), -0.01), rtol=1e-6)
+
+
+def test_an_unknown_client_is_refused_and_logged(keys: str, secured: Any) -> None:
+    endpoint, logpath, _ = secured
+    with pytest.raises(ServerUnavailableError):
+        as_client(keys, "mallory", endpoint, timeout=1.0, retries=0)
+    mallory = zmq.auth.load_certificate(os.path.join(keys, "mallory.key"))[0].decode()
+    assert log_text(logpath, f"refused a client with unknown CURVE key {mallory}")
+    with pytest.raises(ServerUnavailableError):  # and so is one without any key
+        connect([endpoint], timeout=1.0, retries=0)
+
+
+def test_only_an_admin_key_may_shut_a_shard_down(keys: str, secured: Any) -> None:
+    endpoint, logpath, proc = secured
+    with as_client(keys, "alice", endpoint, timeout=20.0) as client:
+        with pytest.raises(PermissionDeniedError, match="admin"):
+            client.shutdown()
+        assert client.ping()[0]["shard"] == 0  # still serving
+    assert log_text(logpath, "refused SHUTDOWN from client key")
+    with as_client(keys, "admin", endpoint, timeout=20.0) as admin:
+        admin.shutdown()
+    assert proc.wait(20) == 0
