@@ -33,6 +33,7 @@ from .kernels import (
     mark_pushed_rows,
     prefetch_rows,
     touch_rows,
+    tune_allocator,
     unmark_pushed_rows,
 )
 
@@ -90,6 +91,10 @@ class SparseTable:
     :param optimizer: spec of the update applied by :meth:`push` (:mod:`xdl.optim`).
     :param seed: table seed for :func:`xdl.init.generate`.
     :param capacity: rows to allocate up front (the arenas grow by doubling, in place).
+
+    The first table a process creates calls :func:`~xdl.server.kernels.tune_allocator`:
+    a process that holds tables serves requests, whose large buffers should be reused
+    rather than page-faulted in afresh each time (``XDL_TUNE_MALLOC=0`` opts out).
     """
 
     def __init__(self, name: str, dim: int, initializer: xinit.Initializer,
@@ -102,6 +107,7 @@ class SparseTable:
         if not isinstance(optimizer, xoptim.Optimizer):
             raise InvalidArgumentError(f"optimizer must be an xdl.optim spec, got "
                                        f"{optimizer!r}", table=name)
+        tune_allocator()
         self.name = name
         self.dim = int(dim)
         self.initializer = initializer
