@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 #: modules of this package defining ``CASE``; one line per framework
-CASE_MODULES: tuple[str, ...] = ("torch_case", "tensorflow_case")
+CASE_MODULES: tuple[str, ...] = ("torch_case", "tensorflow_case", "mxnet_case")
 
 #: model kinds every case builds: the surgery must work on each
 KINDS = ("sequential", "functional", "subclassed")
