@@ -8,6 +8,7 @@ No pickle is used anywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,9 @@ from . import protocol as P
 from .errors import ProtocolError
 
 Arrays = dict[str, np.ndarray]
+
+#: Longest command name accepted in a message's second frame.
+MAX_COMMAND_BYTES = 32
 
 
 def packb(obj: Any) -> bytes:
@@ -68,13 +72,17 @@ def decode(frames: Sequence[Any]) -> tuple[bytes, dict[str, Any], Arrays]:
     """
     if len(frames) < 3:
         raise ProtocolError(f"truncated message: expected at least 3 frames, got {len(frames)}")
-    magic = bytes(_frame_bytes(frames[0]))
+    magic = bytes(_frame_bytes(frames[0])[:8])
     if magic != P.MAGIC:
         if len(magic) == 4 and magic[:3] == P.MAGIC_PREFIX:
             raise ProtocolError(f"protocol version {magic[3]} not supported; this side speaks "
                                 f"version {P.VERSION}")
         raise ProtocolError(f"bad magic {magic[:8]!r}: expected {P.MAGIC!r}")
-    command = bytes(_frame_bytes(frames[1]))
+    cbuf = _frame_bytes(frames[1])
+    if cbuf.nbytes > MAX_COMMAND_BYTES:
+        raise ProtocolError(f"command frame of {cbuf.nbytes} bytes: a command name has at "
+                            f"most {MAX_COMMAND_BYTES}")
+    command = bytes(cbuf)
     hbuf = _frame_bytes(frames[2])
     if hbuf.nbytes > P.MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {hbuf.nbytes} bytes exceeds {P.MAX_HEADER_BYTES}")
@@ -86,28 +94,49 @@ def decode(frames: Sequence[Any]) -> tuple[bytes, dict[str, Any], Arrays]:
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     meta = header.get("arrays", [])
     if not isinstance(meta, list) or len(meta) > P.MAX_ARRAYS:
-        raise ProtocolError("header field 'arrays' must be a list of [role, dtype, shape]")
+        raise ProtocolError(f"header field 'arrays' must be a list of at most {P.MAX_ARRAYS} "
+                            "[role, dtype, shape] entries")
     if len(meta) != len(frames) - 3:
         raise ProtocolError(f"header declares {len(meta)} array frames, message has "
                             f"{len(frames) - 3}")
     arrays: Arrays = {}
-    for entry, frame in zip(meta, frames[3:], strict=False):
-        try:
-            role, dtype, shape = entry
-            shape = tuple(int(s) for s in shape)
-        except (TypeError, ValueError):
-            raise ProtocolError(f"bad array descriptor {entry!r}: expected [role, dtype, shape]"
-                                ) from None
-        if dtype not in P.DTYPES:
-            raise ProtocolError(f"array {role!r}: dtype {dtype!r} not allowed")
-        if any(s < 0 for s in shape):
-            raise ProtocolError(f"array {role!r}: negative dimension in shape {shape}")
-        dt = np.dtype(dtype)
+    for entry, frame in zip(meta, frames[3:], strict=True):
+        role, dt, shape = _descriptor(entry)
+        if role in arrays:
+            raise ProtocolError(f"array {role!r} is declared twice")
         buf = _frame_bytes(frame)
-        expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        # Python ints: the product cannot wrap, whatever the declared shape.
+        expected = math.prod(shape) * dt.itemsize
         if buf.nbytes != expected:
-            raise ProtocolError(f"array {role!r}: shape {list(shape)} of {dtype} needs {expected} "
-                                f"bytes, frame has {buf.nbytes}")
-        arrays[str(role)] = np.frombuffer(buf, dtype=dt).reshape(shape) if expected else \
+            raise ProtocolError(f"array {role!r}: shape {list(shape)} of {dt.str} needs "
+                                f"{expected} bytes, frame has {buf.nbytes}")
+        arrays[role] = np.frombuffer(buf, dtype=dt).reshape(shape) if expected else \
             np.empty(shape, dtype=dt)
     return command, header, arrays
+
+
+def _descriptor(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
+    """Check one ``[role, dtype, shape]`` descriptor of any wire type; refuse it clearly."""
+    if not isinstance(entry, list) or len(entry) != 3:
+        raise ProtocolError(f"bad array descriptor {_short(entry)}: expected [role, dtype, "
+                            "shape]")
+    role, dtype, shape = entry
+    if not isinstance(role, str) or not 0 < len(role) <= 64:
+        raise ProtocolError(f"bad array role {_short(role)}: expected a name of 1-64 "
+                            "characters")
+    if not isinstance(dtype, str) or dtype not in P.DTYPES:
+        raise ProtocolError(f"array {role!r}: dtype {_short(dtype)} not allowed; allowed: "
+                            f"{sorted(P.DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > P.MAX_RANK:
+        raise ProtocolError(f"array {role!r}: shape {_short(shape)} must be a list of at most "
+                            f"{P.MAX_RANK} dimensions")
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= P.MAX_DIM:
+            raise ProtocolError(f"array {role!r}: shape {_short(shape)} must hold ints in "
+                                f"[0, {P.MAX_DIM}]")
+    return role, np.dtype(dtype), tuple(shape)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."

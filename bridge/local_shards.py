@@ -22,6 +22,19 @@ from .errors import ServerUnavailableError
 READY_PREFIX = "XDL-READY "
 
 
+def _root_args(extra_args: Sequence[str]) -> list[str]:
+    """``--checkpoint-root`` for local shards unless ``extra_args`` has one.
+
+    Local shards run as this user and exist for this process only, so they save where the
+    caller asks: their root is ``XDL_CHECKPOINT_ROOT`` when set, else the file system's
+    root. They still write only into a checkpoint folder being written (``ckpt-<n>.tmp``)
+    and load only committed checkpoints.
+    """
+    if any(a == "--checkpoint-root" or a.startswith("--checkpoint-root=") for a in extra_args):
+        return []
+    return ["--checkpoint-root", os.environ.get("XDL_CHECKPOINT_ROOT") or os.sep]
+
+
 class LocalShards:
     """Shard processes started on this machine by :func:`xdl.connect` (``local_shards=N``).
 
@@ -42,7 +55,7 @@ class LocalShards:
             for k in range(num_shards):
                 cmd = [sys.executable, "-m", "xdl.server", "--bind", f"tcp://{host}:0",
                        "--shard", str(k), "--num-shards", str(num_shards),
-                       "--parent-pid", str(os.getpid()), *extra_args]
+                       "--parent-pid", str(os.getpid()), *_root_args(extra_args), *extra_args]
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
                                                    stdin=subprocess.DEVNULL))
             for k, proc in enumerate(self.procs):

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from xdl import protocol as P
-from xdl.ckpt_layout import inside
+from xdl.ckpt_layout import CKPT_NAME, MANIFEST
 from xdl.errors import CheckpointError, InvalidArgumentError
 
 from . import checkpoint
@@ -47,26 +47,45 @@ def stats(state: ShardState, req: Request) -> Reply:
 
 
 def checkpoint_dir(state: ShardState, header: dict[str, Any]) -> str:
-    """The request's ``dir``, resolved, checked to lie under the shard's checkpoint root."""
-    path = str_field(header, "dir")
-    if "\0" in path or not path:
-        raise InvalidArgumentError(f"field 'dir': {path!r} is not a path")
+    """The request's ``dir``, resolved, checked to lie under the shard's checkpoint root.
+
+    :raises CheckpointError: the shard has no root, or ``dir`` resolves outside it.
+    """
+    return under_root(state, str_field(header, "dir"))
+
+
+def under_root(state: ShardState, path: str) -> str:
+    """``path`` (relative to the root, or absolute) resolved, checked to lie under the root.
+
+    :raises CheckpointError: the shard has no root, or ``path`` resolves outside it.
+    """
+    if not path or "\0" in path or len(path) > 4096:
+        raise InvalidArgumentError(f"field 'dir': {path[:80]!r} is not a path")
     root = state.checkpoint_root
     if root is None:
-        return os.path.abspath(path)
-    rel = os.path.relpath(os.path.abspath(path), os.path.realpath(root)) \
-        if os.path.isabs(path) else path
-    try:
-        return inside(root, rel)
-    except CheckpointError:
+        raise CheckpointError(
+            f"shard {state.shard} was started without --checkpoint-root, so it saves and "
+            "loads nowhere: restart it with --checkpoint-root DIR (or XDL_CHECKPOINT_ROOT)")
+    base = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(base, path))  # an absolute path replaces base
+    if full != base and not full.startswith(base.rstrip(os.sep) + os.sep):
         raise CheckpointError(
             f"{path} is outside shard {state.shard}'s checkpoint root {root}: a shard saves "
-            "and loads only under the --checkpoint-root it was started with") from None
+            "and loads only under the --checkpoint-root it was started with")
+    return full
 
 
 def save(state: ShardState, req: Request) -> Reply:
-    """Write this shard's part of a checkpoint into ``dir`` (under the checkpoint root)."""
+    """Write this shard's part of a checkpoint into ``dir``: a ``ckpt-<n>.tmp`` folder
+    under the checkpoint root that no committed checkpoint occupies."""
     path = checkpoint_dir(state, req.header)
+    name = os.path.basename(path)
+    if not (name.endswith(".tmp") and CKPT_NAME.fullmatch(name[:-4])):
+        raise CheckpointError(f"{path} is not a checkpoint being written (ckpt-<n>.tmp, made "
+                              "by the client's save): a shard writes nowhere else")
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        raise CheckpointError(f"{path} holds a committed manifest; a shard never writes over "
+                              "a checkpoint")
     return {"files": checkpoint.save_shard(state, path)}, {}
 
 

@@ -25,11 +25,8 @@ import numpy as np
 from xdl import optim as xoptim
 from xdl.ckpt_layout import (
     FORMAT_VERSION,
-    begin,
-    commit,
     disk_error,
     inside,
-    list_checkpoints,
     read_manifest,
     resolve,
     sha256,
@@ -42,9 +39,7 @@ from .exactly_once import ClientRecord
 from .state import ShardState
 from .table import DenseVariable, SparseTable
 
-# The client-side helpers stay importable from here for callers of the old location.
-__all__ = ["save_shard", "load_shard", "Staged", "begin", "commit", "resolve",
-           "list_checkpoints"]
+__all__ = ["save_shard", "load_shard", "Staged", "stage", "swap_in", "resolve"]
 
 log = logging.getLogger("xdl.server")
 

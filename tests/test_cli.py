@@ -16,6 +16,7 @@ import zmq
 from xdl import codec
 from xdl import protocol as P
 from xdl.client import Client
+from xdl.errors import CheckpointError
 
 XDL = [sys.executable, "-m", "xdl.cli"]
 
@@ -31,8 +32,8 @@ def start_shard(k: int, n: int, *extra: str) -> tuple[subprocess.Popen[str], str
 
 
 @pytest.fixture
-def shards() -> Iterator[list[tuple[subprocess.Popen[str], str]]]:
-    started = [start_shard(k, 2) for k in range(2)]
+def shards(tmp_path: os.PathLike[str]) -> Iterator[list[tuple[subprocess.Popen[str], str]]]:
+    started = [start_shard(k, 2, "--checkpoint-root", str(tmp_path)) for k in range(2)]
     yield started
     for proc, _ in started:
         if proc.poll() is None:
@@ -77,7 +78,7 @@ def test_shard_restores_a_checkpoint_at_start(shards: list[tuple[subprocess.Pope
         c.create_table("t", 2, optimizer=None)
         before = c.pull("t", np.arange(20))
         c.save(str(tmp_path))
-    proc, ep = start_shard(0, 1, "--load", str(tmp_path))
+    proc, ep = start_shard(0, 1, "--load", str(tmp_path), "--checkpoint-root", str(tmp_path))
     try:
         with Client([ep]) as c:
             assert c.describe_table("t")["rows"] == 20
@@ -87,6 +88,27 @@ def test_shard_restores_a_checkpoint_at_start(shards: list[tuple[subprocess.Pope
         assert proc.wait(10) == 0
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_shards_save_and_load_only_under_their_checkpoint_root(
+        shards: list[tuple[subprocess.Popen[str], str]], tmp_path: os.PathLike[str]) -> None:
+    servers = ",".join(ep for _, ep in shards)
+    outside = os.path.join(os.path.dirname(str(tmp_path)), os.path.basename(str(tmp_path)) + "x")
+    os.makedirs(outside, exist_ok=True)
+    with Client(servers.split(",")) as c:
+        c.create_table("t", 2)
+        c.pull("t", np.arange(10))
+        with pytest.raises(CheckpointError, match="outside shard .* checkpoint root"):
+            c.save(outside)
+        assert os.listdir(outside) == ["ckpt-000001.tmp"]  # made by the client, left empty
+        assert os.listdir(os.path.join(outside, "ckpt-000001.tmp")) == []
+        good = c.save(str(tmp_path))
+        # A SAVE aimed at a committed checkpoint (or any folder but ckpt-<n>.tmp) is refused.
+        for target in (good, str(tmp_path), os.path.join(str(tmp_path), "..", "elsewhere")):
+            with pytest.raises(CheckpointError):
+                c._transport.call_all(P.SAVE, {"dir": target})
+        with pytest.raises(CheckpointError, match="outside"):
+            c._transport.call_all(P.LOAD, {"dir": "/etc"})
 
 
 def test_cli_without_servers_says_what_to_do() -> None:
