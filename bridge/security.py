@@ -158,7 +158,7 @@ class ServerSecurity:
     @classmethod
     def from_options(cls, secret: str | None = None, clients: str | None = None,
                      admins: str | None = None) -> ServerSecurity | None:
-        """Settings from command-line values, falling back to ``XDL_CURVE_*`` variables.
+        """Settings from command-line values, falling back to the shard-side variables.
 
         Returns None when no key is configured (plain TCP). Admin keys are allowed
         clients too.
@@ -244,7 +244,7 @@ class ClientKeys:
     @classmethod
     def from_options(cls, secret: str | None = None, server_key: str | None = None
                      ) -> ClientKeys | None:
-        """Keys from :func:`xdl.connect` arguments, falling back to ``XDL_CURVE_*`` variables.
+        """Keys from :func:`xdl.connect` arguments, falling back to the client-side variables.
 
         Returns None when neither is configured (plain TCP).
         """
