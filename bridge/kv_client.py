@@ -198,8 +198,9 @@ class KeyValueCalls:
         :param requests: table name → integer ids (any shape, flattened).
         :param unique: promise that every table's ids have no repeats.
         """
-        if len(requests) == 1 or not hasattr(P, "PULL_MANY"):
-            return {name: self.pull(name, ids, unique=unique) for name, ids in requests.items()}
+        if len(requests) == 1:
+            ((name, ids),) = requests.items()
+            return {name: self.pull(name, ids, unique=unique)}
         names = list(requests)
         parts: list[Routed] = []
         inverses: list[np.ndarray | None] = []
@@ -222,17 +223,18 @@ class KeyValueCalls:
                   ) -> Ticket:
         """Gradients of several tables in one push: ``{table: (ids, grads)}``.
 
-        Each shard gets **one** request carrying every table's rows for it, applied
-        exactly once as a whole: all of its tables, or (if anything in it is refused)
-        none. Same rules per table as :meth:`push`; one :class:`Ticket` for everything.
+        Each shard gets **one** request carrying every table's rows for it, and applies
+        it exactly once as a unit: all of its tables, or (if anything in it is refused)
+        none of them. As with :meth:`push`, shards decide independently: a refusal by
+        one shard does not undo what another applied. Same rules per table as
+        :meth:`push`; one :class:`Ticket` for everything.
 
         :param requests: table name → ``(ids, grads)``, grads ``float32 [len(ids), dim]``.
         :param unique: promise that every table's ids have no repeats.
         """
-        if len(requests) == 1 or not hasattr(P, "PUSH_MANY"):
-            tickets = [self.push(name, ids, grads, unique=unique)
-                       for name, (ids, grads) in requests.items()]
-            return Ticket(tuple(s for t in tickets for s in t.seqs))
+        if len(requests) == 1:
+            ((name, (ids, grads)),) = requests.items()
+            return self.push(name, ids, grads, unique=unique)
         names = list(requests)
         routed: list[tuple[Routed, Mapping[str, np.ndarray]]] = []
         for name in names:

@@ -38,6 +38,11 @@ LIST_TABLES = b"LIST_TABLES"
 DROP_TABLE = b"DROP_TABLE"
 PULL = b"PULL"
 PUSH = b"PUSH"
+#: several tables in one request: header ``tables`` (names) and ``counts`` (ids per
+#: table); array ``ids`` holds every table's ids back to back, ``rows`` / ``grads`` the
+#: tables' rows back to back as one flat float32 array (``count × dim`` values each)
+PULL_MANY = b"PULL_MANY"
+PUSH_MANY = b"PUSH_MANY"
 DELETE = b"DELETE"
 SET_ROWS = b"SET_ROWS"
 CREATE_DENSE = b"CREATE_DENSE"
@@ -50,12 +55,12 @@ SHUTDOWN = b"SHUTDOWN"
 
 COMMANDS = frozenset({
     PING, CREATE_TABLE, DESCRIBE_TABLE, LIST_TABLES, DROP_TABLE, PULL, PUSH, DELETE, SET_ROWS,
-    CREATE_DENSE, DENSE_PULL, DENSE_PUSH, STATS, SAVE, LOAD, SHUTDOWN,
+    CREATE_DENSE, DENSE_PULL, DENSE_PUSH, STATS, SAVE, LOAD, SHUTDOWN, PULL_MANY, PUSH_MANY,
 })
 
 #: Commands that change state and are therefore applied exactly once per seq.
 MUTATING = frozenset({CREATE_TABLE, DROP_TABLE, PUSH, DELETE, SET_ROWS, CREATE_DENSE,
-                      DENSE_PUSH, LOAD})
+                      DENSE_PUSH, LOAD, PUSH_MANY})
 
 # Array dtypes allowed on the wire (numpy dtype strings, little-endian).
 DTYPES = frozenset({"<i8", "<u8", "<i4", "<f4", "<f8", "|u1"})

@@ -1,4 +1,5 @@
-"""Handlers of the key-value commands on sparse tables: ``PULL``, ``PUSH``, ``DELETE``.
+"""Handlers of the key-value commands on sparse tables: ``PULL``, ``PUSH``, ``DELETE``,
+``SET_ROWS``, and ``PULL_MANY`` / ``PUSH_MANY`` (several tables in one request).
 
 These are the hot path: each validates its request in a few vectorized checks (ids
 are a 1-D int64 array owned by this shard; the table checks gradients) and hands the
@@ -14,10 +15,12 @@ from xdl.errors import InvalidArgumentError
 from xdl.sharding import all_finite, first_outside
 
 from .fields import array
+from .kernels import first_duplicate
 from .state import Reply, Request, ShardState
+from .table import SparseTable
 
 
-def ids_array(state: ShardState, req: Request, table: str) -> np.ndarray:
+def ids_array(state: ShardState, req: Request, table: str | None) -> np.ndarray:
     """The request's ``ids``: int64 of rank 1, every id in this shard's buckets."""
     ids = array(req, "ids", table, np.dtype("<i8"), 1)
     if state.num_shards == 1 or ids.size == 0:
@@ -77,4 +80,65 @@ def set_rows(state: ShardState, req: Request) -> Reply:
     return {}, {}
 
 
-HANDLERS = {P.PULL: pull, P.PUSH: push, P.DELETE: delete, P.SET_ROWS: set_rows}
+def many_parts(state: ShardState, req: Request) -> list[tuple[SparseTable, np.ndarray]]:
+    """The ``(table, ids)`` parts of a ``PULL_MANY`` / ``PUSH_MANY`` request.
+
+    Checked before anything changes: ``tables`` is a list of distinct existing table
+    names, ``counts`` as many non-negative ints summing to the length of ``ids``, and
+    every id belongs to this shard.
+    """
+    names, counts = req.header.get("tables"), req.header.get("counts")
+    if not isinstance(names, list) or not names or len(set(map(str, names))) != len(names):
+        raise InvalidArgumentError(f"field 'tables': expected a list of distinct table "
+                                   f"names, got {str(names)[:80]}")
+    if not isinstance(counts, list) or len(counts) != len(names) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise InvalidArgumentError(f"field 'counts': expected {len(names)} non-negative ints "
+                                   f"(ids per table), got {str(counts)[:80]}")
+    tables = [state.table(name) for name in names]
+    ids = ids_array(state, req, None)
+    if sum(counts) != ids.size:
+        raise InvalidArgumentError(f"field 'counts' sums to {sum(counts)}, but the request "
+                                   f"has {ids.size} ids")
+    ends = np.cumsum(counts)
+    return [(t, ids[e - c:e]) for t, c, e in zip(tables, counts, ends.tolist(), strict=True)]
+
+
+def pull_many(state: ShardState, req: Request) -> Reply:
+    """Rows of several tables' ids, back to back in one flat float32 array."""
+    rows = [table.pull(ids).reshape(-1) for table, ids in many_parts(state, req)]
+    return {}, {"rows": np.concatenate(rows)}
+
+
+def push_many(state: ShardState, req: Request) -> Reply:
+    """Apply several tables' gradients as one unit: every table, or none.
+
+    Everything a table's push could refuse (shape, NaN or Inf, repeated ids) is checked
+    for every table before the first one changes.
+    """
+    parts = many_parts(state, req)
+    grads = array(req, "grads", None, np.dtype("<f4"), 1)
+    need = sum(ids.size * table.dim for table, ids in parts)
+    if grads.size != need:
+        raise InvalidArgumentError(f"array 'grads': expected {need} float32 values "
+                                   f"(len(ids) x dim per table), got {grads.size}")
+    if not all_finite(grads):
+        raise InvalidArgumentError("array 'grads' holds NaN or Inf values; nothing applied")
+    for table, ids in parts:
+        dup = first_duplicate(ids)
+        if dup >= 0:
+            raise InvalidArgumentError(f"ids must be unique per table, but id {int(ids[dup])} "
+                                       "appears more than once; nothing applied",
+                                       table=table.name)
+    steps, off = [], 0
+    for table, ids in parts:
+        n = ids.size * table.dim
+        if n:  # a table with no ids here is not pushed (its step stays, as with PUSH)
+            table.push(ids, grads[off:off + n].reshape(ids.size, table.dim))
+        off += n
+        steps.append(table.step)
+    return {"steps": steps}, {}
+
+
+HANDLERS = {P.PULL: pull, P.PUSH: push, P.DELETE: delete, P.SET_ROWS: set_rows,
+            P.PULL_MANY: pull_many, P.PUSH_MANY: push_many}
