@@ -255,15 +255,14 @@ class ServerDenseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = []
+        grads: list[np.ndarray | None] = []
         for p in self._params:
             grad = p.grad
-            if grad is not None:
-                grad = grad.detach()
-                if grad.is_sparse:
-                    grad = grad.to_dense()
-                grad = grad.cpu().numpy()
-            grads.append(grad)
+            if grad is None:
+                grads.append(None)
+                continue
+            grad = grad.detach()
+            grads.append((grad.to_dense() if grad.is_sparse else grad).cpu().numpy())
         self._assign(self.sync.step(grads))
         return loss
 

@@ -26,8 +26,8 @@ _EXPORTS = {
     "RemoteTable": "xdl.lookup",
     "GradientBuffer": "xdl.gradients",
     "DenseSync": "xdl.dense",
-    "LayerAdapter": "xdl.surgery",
-    "LayerSpec": "xdl.surgery",
+    "LayerAdapter": "xdl.adapter",
+    "LayerSpec": "xdl.adapter",
     "swap": "xdl.surgery",
     "unswap": "xdl.surgery",
     "wrapper": "xdl.wrapper",
@@ -44,7 +44,8 @@ _EXPORTS = {
     "prefetch": "xdl.adapters.torch_nn",
 }
 _SUBMODULES = {"init", "optim", "errors", "protocol", "codec", "sharding", "datasets", "metrics",
-               "lookup", "gradients", "dense", "surgery", "backend", "plugins", "dedup"}
+               "lookup", "gradients", "dense", "surgery", "adapter", "backend", "plugins",
+               "dedup"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

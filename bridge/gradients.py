@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .dedup import unique_inverse
 from .sharding import add_rows
 
 #: ``on_push(ticket)``: told the ticket of the push that carried a lookup's gradients.
@@ -39,10 +40,8 @@ def merge_rows(ids: list[np.ndarray], grads: list[np.ndarray]) -> tuple[np.ndarr
     """Concatenate row gradients and sum those of the same id: ``(unique ids, grads)``."""
     if len(ids) == 1:
         return ids[0], grads[0]
-    from .lookup import _unique_inverse
-
     all_ids = np.concatenate(ids)
-    unique, inverse = _unique_inverse(all_ids)
+    unique, inverse = unique_inverse(all_ids)
     if unique.size == all_ids.size:
         return all_ids, np.concatenate(grads)
     summed = np.zeros((len(unique), grads[0].shape[1]), dtype=np.float32)

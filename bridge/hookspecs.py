@@ -53,13 +53,16 @@ hookimpl = pluggy.HookimplMarker("xdl")
 def xdl_register_backends(register: BackendRegister) -> None:
     """Register framework backends (subclasses of :class:`xdl.Backend`).
 
-    :param register: the backend registry; call ``register.add(MyBackend)``.
+    :param register: the backend registry (:class:`xdl.plugins.BackendRegistry`); call
+        ``register.add(MyBackend)``.
     """
 
 
 @hookspec(firstresult=True)
-def xdl_detect_backend(obj: Any) -> Backend | str | None:
+def xdl_detect_backend(obj: Any) -> Any:
     """Return the backend (or its registered name) that owns ``obj``, or None.
+
+    The backend is an :class:`xdl.Backend`.
 
     ``obj`` is a tensor, a model or a function of some framework.
 
@@ -77,7 +80,8 @@ def xdl_register_adapters(register: AdapterRegister) -> None:
     layer types it replaces, how to list layers with their paths, replace one, and
     translate its settings to a table spec and back.
 
-    :param register: the adapter registry; call ``register.add(MyAdapter())``.
+    :param register: the adapter registry (:class:`xdl.plugins.AdapterRegistry`); call
+        ``register.add(MyAdapter())``.
     """
 
 
@@ -85,5 +89,6 @@ def xdl_register_adapters(register: AdapterRegister) -> None:
 def xdl_register_optimizers(register: OptimizerRegister) -> None:
     """Register optimizer specifications that tables and dense variables can use.
 
-    :param register: the optimizer registry; call ``register.add(name, factory)``.
+    :param register: the optimizer registry (:class:`xdl.plugins.OptimizerRegistry`);
+        call ``register.add(name, factory)``.
     """

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .dedup import unique_inverse
 from .errors import InvalidArgumentError
 from .gradients import GradientBuffer, default_buffer
 
@@ -77,15 +78,8 @@ class PushLog(Protocol):
 
 
 def _unique_inverse(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(unique, inverse)`` of 1-D int64 ids; uniques in first-occurrence order."""
-    try:
-        from .dedup import unique_inverse
-    except ImportError:  # pragma: no cover - the compiled kernel is part of the core
-        uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")  # first-occurrence order, as the kernel
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size)
-        return uniq[order], rank[inverse.reshape(-1)]
+    """``(unique, inverse)`` of 1-D int64 ids; uniques in first-occurrence order (one
+    compiled O(n) pass, :func:`xdl.dedup.unique_inverse`)."""
     return unique_inverse(flat)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .adapter import LayerAdapter
 from .backend import Backend
 from .errors import PluginError
 
@@ -83,7 +84,7 @@ class BackendRegistry:
 class Adapter:
     """A model surgery given as a pair of functions (``swap(model, client, **options)``
     and ``unswap``); listed by ``xdl plugins`` but not used by :func:`xdl.swap`, which
-    dispatches to :class:`~xdl.surgery.LayerAdapter` objects."""
+    dispatches to :class:`~xdl.adapter.LayerAdapter` objects."""
 
     name: str
     swap: Callable[..., Any]
@@ -98,13 +99,11 @@ class AdapterRegistry:
 
     def add(self, adapter: Any, swap: Callable[..., Any] | None = None,
             unswap: Callable[..., Any] | None = None) -> None:
-        """Register a :class:`~xdl.surgery.LayerAdapter` (an instance, or a subclass
+        """Register a :class:`~xdl.adapter.LayerAdapter` (an instance, or a subclass
         instantiated here) under its ``name``; first registration of a name wins.
 
         ``add(name, swap, unswap)`` registers a function pair instead (:class:`Adapter`).
         """
-        from .surgery import LayerAdapter
-
         if isinstance(adapter, type) and issubclass(adapter, LayerAdapter):
             adapter = adapter()
         if isinstance(adapter, LayerAdapter):
@@ -117,7 +116,7 @@ class AdapterRegistry:
             self._adapters.setdefault(adapter, Adapter(adapter, swap, unswap))
             return
         raise PluginError(
-            f"register.add() wants an xdl.surgery.LayerAdapter (or a name and a swap "
+            f"register.add() wants an xdl.adapter.LayerAdapter (or a name and a swap "
             f"function), got {adapter!r}")
 
     def get(self, name: str) -> Any:
@@ -129,7 +128,7 @@ class AdapterRegistry:
                 f"no adapter named {name!r}; registered: {sorted(self._adapters)}") from None
 
     def for_backend(self, backend: str) -> list[Any]:
-        """The :class:`~xdl.surgery.LayerAdapter` objects operating on ``backend``'s
+        """The :class:`~xdl.adapter.LayerAdapter` objects operating on ``backend``'s
         models, in registration order."""
         return [a for a in self._adapters.values() if getattr(a, "backend", None) == backend]
 

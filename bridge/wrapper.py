@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -293,3 +295,15 @@ __all__ = [
     "torch_wrapper",
     "wrapper",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``xdl.wrapper`` names both this module and its :func:`wrapper`: importing the
+    submodule sets the package's attribute to the module, so the module forwards calls
+    to the function and ``xdl.wrapper(client, ...)`` works either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return wrapper(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
