@@ -185,8 +185,9 @@ class WalStats:
 class WriteAheadLog:
     """Append-only log in segment files ``<directory>/<first lsn>.wal``.
 
-    Opening scans every segment, truncates a torn tail of the last one and keeps the
-    intact records for :meth:`recovered`; appends continue after them.
+    Opening reads the last segment only: it cuts a torn tail (a write the crash
+    interrupted) and appends continue after it. :meth:`records` reads the log back one
+    segment at a time, so recovering a long log never holds more than one segment.
 
     :param directory: folder of the segments (created if absent).
     :param fsync: ``"every"``, ``"none"`` or milliseconds between syncs (see the module).
@@ -204,52 +205,79 @@ class WriteAheadLog:
         self._fd: int | None = None
         self._size = 0
         self._unsynced_since: float | None = None
-        self._recovered: list[Record] = []
         self.next_lsn = 1
         self._open_existing()
+        #: records below this lsn were on disk when the log was opened
+        self.opened_lsn = self.next_lsn
 
     # ------------------------------------------------------------------ opening
     def _open_existing(self) -> None:
         names = sorted(n for n in os.listdir(self.directory) if _SEGMENT.match(n))
         self._segments = [_Segment(int(n[:20]), os.path.join(self.directory, n)) for n in names]
-        for i, seg in enumerate(self._segments):
+        if not self._segments:
+            return
+        last = self._segments[-1]
+        with open(last.path, "rb") as f:
+            data = f.read()
+        records, good, problem = decode_records(data, last.path)
+        if problem:
+            log.warning("write-ahead log: %s; truncating %d bytes of an unfinished write",
+                        problem, len(data) - good)
+            with open(last.path, "r+b") as f:
+                f.truncate(good)
+                f.flush()
+                os.fsync(f.fileno())
+            self.stats.truncated_bytes += len(data) - good
+        self.next_lsn = records[-1].lsn + 1 if records else last.first_lsn
+        if good == 0:  # an empty last segment: drop it, the next append starts afresh
+            os.unlink(self._segments.pop().path)
+        else:
+            self._size = good
+            self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
+
+    def first_record(self, index: int) -> Record | None:
+        """The first record of segment ``index`` (None if it cannot be read)."""
+        with open(self._segments[index].path, "rb") as f:
+            head = f.read(_FRAME.size)
+            if len(head) < _FRAME.size:
+                return None
+            _, length, _ = _FRAME.unpack(head)
+            body = f.read(min(length, MAX_RECORD_BYTES))
+        records, _, _ = decode_records(head + body)
+        return records[0] if records else None
+
+    def records(self, start: int = 0) -> Iterator[Record]:
+        """The records on disk at opening, from segment ``start`` on, one segment in memory.
+
+        Raises :class:`~xdl.errors.CheckpointError` when a segment before the last is
+        damaged or a record is missing: the log cannot be trusted past that point.
+        """
+        segments = list(self._segments)
+        expect: int | None = None
+        for i in range(start, len(segments)):
+            seg = segments[i]
             with open(seg.path, "rb") as f:
                 data = f.read()
-            records, good, problem = decode_records(data, seg.path)
-            if problem:
-                if i != len(self._segments) - 1:
+            recs, _, problem = decode_records(data, seg.path)
+            if problem and i != len(segments) - 1:
+                raise CheckpointError(
+                    f"write-ahead log is corrupt: {problem}, and later segments exist; move "
+                    "the log folder aside and restart from the last checkpoint")
+            for r in recs:
+                if r.lsn >= self.opened_lsn:
+                    return
+                if (expect is not None and r.lsn != expect) or (
+                        expect is None and r.lsn != seg.first_lsn):
                     raise CheckpointError(
-                        f"write-ahead log is corrupt: {problem}, and later segments exist; "
-                        "move the log folder aside and restart from the last checkpoint")
-                log.warning("write-ahead log: %s; truncating %d bytes of an unfinished write",
-                            problem, len(data) - good)
-                with open(seg.path, "r+b") as f:
-                    f.truncate(good)
-                    f.flush()
-                    os.fsync(f.fileno())
-                self.stats.truncated_bytes += len(data) - good
-            for r in records:
-                if self._recovered and r.lsn != self.next_lsn:
-                    raise CheckpointError(
-                        f"write-ahead log {seg.path}: record {r.lsn} follows {self.next_lsn - 1};"
-                        " a segment is missing")
-                self._recovered.append(r)
-                self.next_lsn = r.lsn + 1
-            if i == len(self._segments) - 1:
-                self._size = good
-        if self._segments and self._size == 0:
-            # an empty last segment: drop it, the next append starts a fresh one
-            os.unlink(self._segments.pop().path)
-        elif self._segments:
-            self._fd = os.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
+                        f"write-ahead log {seg.path}: record {r.lsn} where "
+                        f"{expect or seg.first_lsn} was expected; a segment is missing or damaged")
+                expect = r.lsn + 1
+                yield r
+            del data, recs
 
     def recovered(self) -> list[Record]:
-        """The intact records found on disk when the log was opened, in order."""
-        return self._recovered
-
-    def release_recovered(self) -> None:
-        """Forget the records read at opening (after they were replayed)."""
-        self._recovered = []
+        """Every record on disk at opening, in order (reads the whole log; for tests and tools)."""
+        return list(self.records())
 
     # ------------------------------------------------------------------ writing
     def append(self, kind: str, frames: Sequence[Buffer] = (), **fields: Any) -> int:
@@ -483,32 +511,33 @@ class ShardJournal:
         :param replay: ``replay(frames)`` runs one logged request through the shard.
         """
         t0 = time.perf_counter()
-        records = self.wal.recovered()
-        report = RecoveryReport(records=len(records),
-                                truncated_bytes=self.wal.stats.truncated_bytes)
-        start = 0
-        for i in range(len(records) - 1, -1, -1):
-            r = records[i]
+        report = RecoveryReport(truncated_bytes=self.wal.stats.truncated_bytes)
+        start, base_lsn = 0, 0
+        for i in range(len(self.wal.segments()) - 1, -1, -1):
+            # a checkpoint record always starts a segment (see record_save / record_base)
+            r = self.wal.first_record(i)
+            if r is None or r.kind == REQ:
+                continue
             if r.kind == BASE:
-                report.base, start = str(r.meta["path"]), i + 1
+                report.base, start, base_lsn = str(r.meta["path"]), i, r.lsn
                 load(report.base, None)
                 break
             if r.kind == SAVE:
                 final = committed_checkpoint(str(r.meta["dir"]))
                 if final is not None:
-                    report.base, start = final, i + 1
+                    report.base, start, base_lsn = final, i, r.lsn
                     load(final, dict(r.meta.get("clients") or {}))
                     break
                 self._pending_saves.insert(0, (r.lsn, str(r.meta["dir"])))
         self.replaying = True
         try:
-            for r in records[start:]:
-                if r.kind == REQ:
+            for r in self.wal.records(start):
+                report.records += 1
+                if r.kind == REQ and r.lsn > base_lsn:
                     replay(r.frames)
                     report.replayed += 1
         finally:
             self.replaying = False
-        self.wal.release_recovered()
         report.seconds = time.perf_counter() - t0
         return report
 

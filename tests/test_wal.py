@@ -95,8 +95,20 @@ def test_corruption_before_the_last_segment_refuses_to_open(tmp_path: Any) -> No
     with open(first, "r+b") as f:
         f.seek(20)
         f.write(b"\xff\xff")
+    again = W.WriteAheadLog(str(tmp_path))  # opening reads the last segment only
     with pytest.raises(CheckpointError, match="corrupt"):
-        W.WriteAheadLog(str(tmp_path))
+        again.recovered()
+    shard = FakeShard()
+    with pytest.raises(CheckpointError, match="corrupt"):  # recovery refuses to go on
+        W.ShardJournal(again).recover(shard.load, shard.replay)
+    again.close()
+    other = W.WriteAheadLog(str(tmp_path / "gap"), segment_bytes=1)
+    for i in range(1, 4):
+        other.append(W.REQ, push_frames(i))
+    other.close()
+    os.unlink(other.segments()[1])  # a missing segment in the middle is as bad
+    with pytest.raises(CheckpointError, match="missing"):
+        W.WriteAheadLog(str(tmp_path / "gap")).recovered()
 
 
 def test_garbage_never_raises_from_the_decoder() -> None:
