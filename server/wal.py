@@ -33,6 +33,7 @@ survives the process being killed, but not the machine losing power.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xdl import codec
-from xdl.errors import CheckpointError, InvalidArgumentError
+from xdl.errors import CheckpointError, DiskFullError, InvalidArgumentError
 
 log = logging.getLogger("xdl.server")
 
@@ -283,8 +284,9 @@ class WriteAheadLog:
     def append(self, kind: str, frames: Sequence[Buffer] = (), **fields: Any) -> int:
         """Write one record (to the OS, not yet synced) and return its lsn.
 
-        Raises :class:`~xdl.errors.CheckpointError` if the write fails (disk full):
-        the caller must not acknowledge the change.
+        Raises :class:`~xdl.errors.DiskFullError` (disk full) or
+        :class:`~xdl.errors.CheckpointError` if the write fails: the caller must not
+        acknowledge the change.
         """
         lsn = self.next_lsn
         bufs = encode_record(lsn, kind, frames, **fields)
@@ -301,9 +303,11 @@ class WriteAheadLog:
                     rest = rest[n:]
         except OSError as exc:
             self._undo_partial(total)
-            raise CheckpointError(
-                f"cannot append to the write-ahead log in {self.directory}: {exc}; free space "
-                "there (or move the log) and resend") from None
+            cls = DiskFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else CheckpointError
+            raise cls(
+                f"cannot append to the write-ahead log in {self.directory}: "
+                f"{exc.strerror or exc}; the change was not acknowledged: free space there "
+                "(or move the log) and restart the shard, which recovers from its log") from None
         self.next_lsn = lsn + 1
         self._size += total
         self.stats.records += 1

@@ -11,7 +11,7 @@ import pytest
 
 from xdl import codec
 from xdl import protocol as P
-from xdl.errors import CheckpointError, InvalidArgumentError
+from xdl.errors import CheckpointError, DiskFullError, InvalidArgumentError
 from xdl.server import wal as W
 
 
@@ -276,7 +276,7 @@ def test_a_failed_write_is_not_left_half_in_the_log(tmp_path: Any,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "writev", full)
-    with pytest.raises(CheckpointError, match="No space left"):
+    with pytest.raises(DiskFullError, match="No space left"):
         log.append(W.REQ, push_frames(2))
     monkeypatch.undo()
     assert log.append(W.REQ, push_frames(2)) == 2
@@ -354,4 +354,24 @@ def test_a_shard_rebuilds_its_state_and_marks_from_checkpoint_and_log(tmp_path: 
     assert h["ok"] and h["dup"]
     for k, v in state_of(again.shard).items():
         np.testing.assert_array_equal(before[k], v, err_msg=k)
+    again.durable.close()
+
+
+def test_a_shard_whose_log_cannot_be_written_refuses_and_stops(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal_dir, root = str(tmp_path / "wal"), str(tmp_path / "ckpt")
+    s = LoggedShard(wal_dir, root)
+    ids = np.array([1, 2], np.int64)
+    assert s(1, P.CREATE_TABLE, {"table": "t", "dim": 2})["ok"]
+
+    def full(fd: int, bufs: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    h = s(2, P.PUSH, {"table": "t"}, {"ids": ids, "grads": np.ones((2, 2), np.float32)})
+    monkeypatch.undo()
+    assert not h["ok"] and h["code"] == "DISK_FULL" and "not acknowledged" in h["message"]
+    assert s.shard.stopping  # its memory is ahead of its log: it stops
+    again = LoggedShard(wal_dir, root)  # and the restart holds only what was logged
+    assert len(again.shard.tables["t"]) == 0
     again.durable.close()
