@@ -198,7 +198,8 @@ def ensure_host_op() -> None:
             super().__init__()
             self._key = key
             self._num_extra = num_extra
-            self._states: list[Any] = []
+            # (ids, state) of forwards whose backward has not run yet
+            self._states: list[tuple[np.ndarray, Any]] = []
 
         def forward(self, is_train: bool, req: Any, in_data: Any, out_data: Any,
                     aux: Any) -> None:
@@ -206,15 +207,19 @@ def ensure_host_op() -> None:
             ids = ids_to_numpy(in_data[0])
             extra = [in_data[1 + i].asnumpy() for i in range(self._num_extra)]
             out, state = host.host_forward(ids, *extra)
-            # one state per forward; a backward consumes the oldest (usually the only) one
-            self._states = [*self._states[-7:], state] if is_train else self._states
+            if is_train:  # a backward finds its forward's state by the ids
+                self._states = [*self._states[-7:], (ids, state)]
             self.assign(out_data[0], req[0], mx.nd.array(out, dtype=np.float32))
 
         def backward(self, req: Any, out_grad: Any, in_data: Any, out_data: Any,
                      in_grad: Any, aux: Any) -> None:
-            if self._states:
-                state = self._states.pop(0)
-                _host(self._key).host_backward(state, _float_rows(out_grad[0].asnumpy()))
+            ids = ids_to_numpy(in_data[0])
+            # usually one state; a forward never back-propagated leaves an older one
+            for i in range(len(self._states) - 1, -1, -1):
+                if np.array_equal(self._states[i][0], ids):
+                    state = self._states.pop(i)[1]
+                    _host(self._key).host_backward(state, _float_rows(out_grad[0].asnumpy()))
+                    break
             for i, grad in enumerate(in_grad):
                 self.assign(grad, req[i], 0)
 
@@ -242,7 +247,7 @@ def ensure_host_op() -> None:
 
         def declare_backward_dependency(self, out_grad: Any, in_data: Any,
                                         out_data: Any) -> Any:
-            return out_grad
+            return [*out_grad, in_data[0]]  # the ids: a backward matches its forward
 
         def create_operator(self, ctx: Any, shapes: Any, dtypes: Any) -> Any:
             return HostLookupOp(self._key, self._num_extra)

@@ -214,3 +214,20 @@ def test_unswap_then_export_loads_with_symbolblock(mx: Any, tmp_path: Path) -> N
     loaded = gluon.SymbolBlock.imports(str(tmp_path / "model-symbol.json"), ["data"],
                                        str(tmp_path / "model-0000.params"), ctx=mx.cpu())
     np.testing.assert_allclose(loaded(x).asnumpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_recorded_forward_without_backward_changes_nothing(mx: Any) -> None:
+    """Hybridized: a forward under ``autograd.record()`` that is never back-propagated
+    (a validation batch, say) does not mix into the next step's row gradients."""
+    from mxnet import autograd, gluon
+
+    local = make_net(mx, hybridize=True, prefix="loc_")
+    net = xdl.swap(make_net(mx, hybridize=True, prefix="rem_"), FakeClient(),
+                   optimizer=xdl.optim.SGD(lr=LR))
+    for model in (local, net):
+        with autograd.record():
+            model(ids_batch(mx, 42))  # recorded, never back-propagated
+        train(mx, model, gluon.Trainer(model.collect_params(), "sgd", {"learning_rate": LR}))
+    net = xdl.unswap(net)
+    np.testing.assert_allclose(net.emb.weight.data().asnumpy(),
+                               local.emb.weight.data().asnumpy(), rtol=0, atol=1e-6)
