@@ -449,7 +449,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=1.0,
                     help="seconds per measurement (default 1)")
-    ap.add_argument("--shards", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    ap.add_argument("--shards", type=int, nargs="*", default=[1, 2], choices=[1, 2],
+                    help="shard counts to run (default 1 2; none: only --big-rows)")
     ap.add_argument("--big-rows", type=int, default=0, metavar="N",
                     help="also fill an N-key table and report bytes/row (e.g. 50000000)")
     ap.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
@@ -467,7 +468,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xdl-bench-") as tmp:
         for shards in args.shards:
             run_shards(shards, wl, args.pslite, args.rounds, args.min_time, res, tmp)
-    report(res, bool(args.pslite))
+    if args.shards:
+        report(res, bool(args.pslite))
     if args.big_rows:
         print(bench_big(args.big_rows, args.min_time))
 

@@ -405,14 +405,14 @@ _tuned = False
 
 
 def tune_allocator() -> bool:
-    """Let glibc's malloc reuse freed blocks of up to 64 MiB instead of unmapping them.
+    """Let glibc's malloc reuse freed blocks of up to 32 MiB instead of unmapping them.
 
     By default a freed block over the (adaptive) mmap threshold goes back to the kernel,
     so every request's fresh 0.5–16 MiB buffers (decoded frames, gathered rows) are
     page-faulted in again: measured here, a fresh 4 MiB array costs about 1.7 ms of
     faults before a byte of work. Raising the thresholds keeps such buffers in the
-    heap, ready for the next request. Process-wide and idempotent; a no-op (returns
-    False) off glibc or when ``XDL_TUNE_MALLOC=0``.
+    heap, ready for the next request; at most 64 MiB of free heap is kept. Process-wide
+    and idempotent; a no-op (returns False) off glibc or when ``XDL_TUNE_MALLOC=0``.
     """
     global _tuned
     if _tuned:
@@ -422,8 +422,8 @@ def tune_allocator() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = (libc.mallopt(m_mmap_threshold, 64 << 20) == 1
-              and libc.mallopt(m_trim_threshold, 256 << 20) == 1)
+        ok = (libc.mallopt(m_mmap_threshold, 32 << 20) == 1
+              and libc.mallopt(m_trim_threshold, 64 << 20) == 1)
     except (OSError, AttributeError):
         return False
     _tuned = bool(ok)
