@@ -40,7 +40,8 @@ def _wire_array(a: np.ndarray) -> np.ndarray:
     dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
     if dt.str not in P.DTYPES:
         raise ProtocolError(f"dtype {a.dtype} cannot travel; allowed: {sorted(P.DTYPES)}")
-    return np.ascontiguousarray(a, dtype=dt)
+    # np.asarray keeps a 0-d array 0-d (np.ascontiguousarray would make it 1-d)
+    return np.asarray(a, dtype=dt, order="C")
 
 
 def encode(command: bytes, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None
