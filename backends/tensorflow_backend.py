@@ -24,9 +24,11 @@ rows' gradient over, so that callback runs before the optimizer's update.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -122,6 +124,35 @@ class TensorFlowBackend(Backend):
                 with tf.init_scope():
                     self._anchor = tf.Variable([0.0], trainable=True, name="xdl_anchor")
             return self._anchor
+
+    def wrapper(self, client: Any, tables: Any = None, *, sync_push: bool = True,
+                optimizer: Any = None, server_optimizer: Any = None, sync_workers: int = 0,
+                graph: bool = True, dense_prefix: str | None = None) -> Any:
+        """``xdl.tf_wrapper``: XDL's script shape, each call of the decorated function one
+        training step (see :class:`TrainStep`).
+
+        :param optimizer: a Keras optimizer (anything with ``apply_gradients``) for the
+            function's dense variables.
+        :param server_optimizer: instead, an ``xdl.optim`` spec: the dense variables live
+            on the shards, shared by the workers.
+        :param sync_workers: with ``server_optimizer``: 0 applies each worker's gradient
+            as it comes (async); N averages N workers' gradients per step (sync).
+        :param graph: run each step as a ``tf.function`` (ids symbolic, lookups through
+            host callbacks); False runs eagerly.
+        :param dense_prefix: prefix of the dense variables' names on the server (default:
+            the function's name and a dot).
+        """
+        from xdl.wrapper import Lookup, Wrapper
+
+        specs = {arg: Lookup(t) if isinstance(t, str) else t for arg, t in (tables or {}).items()}
+        state = Wrapper(client, self.name, sync_push)
+
+        def decorate(fn: Callable[..., Any]) -> TrainStep:
+            return TrainStep(fn, self, state, specs, optimizer=optimizer,
+                             server_optimizer=server_optimizer, sync_workers=sync_workers,
+                             graph=graph, dense_prefix=dense_prefix)
+
+        return decorate
 
     def differentiable_rows(self, rows: np.ndarray, on_grad: OnGrad, *,
                             anchor: Any = None) -> Any:
@@ -253,6 +284,202 @@ class TensorFlowBackend(Backend):
         out = tf.math.unsorted_segment_sum(values, bag, num_bags)
         out.set_shape([None if has_offsets else ids.shape[0], remote.dim])
         return out
+
+
+class TrainStep:
+    """A function decorated with ``@xdl.tf_wrapper(client, ...)``: each call is one
+    training step (XDL's script shape).
+
+    The function is ordinary TensorFlow code that returns its loss first (then any
+    outputs). Its sparse arguments are :func:`xdl.embedding` descriptions (or ids of the
+    arguments named in ``tables``); a call looks them up (rows of the unique ids pulled
+    or prefetched), runs the function under a ``tf.GradientTape``, takes the gradients
+    of the loss for the rows and for the dense variables the function read, hands the
+    rows' gradients to the push (one per table per step) and applies the dense ones:
+    with the Keras ``optimizer``, or on the shards (``server_optimizer``, async or sync
+    across workers). Returns what the function returned.
+
+    :meth:`predict` runs the function forward only. ``wait_pushes()`` / ``close()``
+    flush and wait for the pushes (``close`` also stops prefetch threads); ``xdl`` is
+    the core's :class:`xdl.wrapper.Wrapper` (client, tables).
+    """
+
+    def __init__(self, fn: Callable[..., Any], backend: TensorFlowBackend, state: Any,
+                 specs: dict[str, Any], *, optimizer: Any, server_optimizer: Any,
+                 sync_workers: int, graph: bool, dense_prefix: str | None) -> None:
+        if optimizer is not None and server_optimizer is not None:
+            raise InvalidArgumentError(
+                "tf_wrapper: give either optimizer= (a Keras optimizer, local dense "
+                "variables) or server_optimizer= (dense variables on the shards), not both")
+        self.fn = fn
+        self.backend = backend
+        self.xdl = state
+        self.specs = specs
+        self.optimizer = optimizer
+        self.server_optimizer = server_optimizer
+        self.sync_workers = int(sync_workers)
+        self.graph = graph
+        self.dense_prefix = (f"{fn.__name__}." if dense_prefix is None else dense_prefix)
+        self.signature = inspect.signature(fn)
+        missing = [arg for arg in specs if arg not in self.signature.parameters]
+        if missing:
+            raise InvalidArgumentError(
+                f"tf_wrapper: {fn.__qualname__} has no argument(s) {missing}")
+        #: the trainable variables the function read, besides the anchors (after a call)
+        self.dense_variables: list[Any] = []
+        self._anchors: dict[tuple[str, int | None], Any] = {}
+        self._steps: dict[Any, Any] = {}
+        self._dense_sync: Any = None
+        functools.update_wrapper(self, fn)
+
+    # -- one call ------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """One training step; returns the function's outputs."""
+        if self.server_optimizer is not None and self._dense_sync is None:
+            self.predict(*args, **kwargs)  # creates the dense variables, nothing trained
+            self._share_dense()
+        outputs, dense_grads = self._run(True, args, kwargs)
+        if self._dense_sync is not None:
+            values = self._dense_sync.step([None if g is None else np.asarray(g)
+                                            for g in dense_grads])
+            for var, value in zip(self.dense_variables, values, strict=True):
+                var.assign(value)
+        return outputs
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the function forward (lookups included), no gradients, no updates."""
+        return self._run(False, args, kwargs)
+
+    def wait_pushes(self) -> None:
+        """Push what is buffered and wait until every push of these tables is applied."""
+        self.xdl.wait_pushes()
+
+    def close(self) -> None:
+        """Wait for the pushes and stop prefetch threads."""
+        self.xdl.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _anchor(self, spec: Any) -> Any:
+        key = (spec.table, spec.padding_idx)
+        anchor = self._anchors.get(key)
+        if anchor is None:
+            tf = _tf()
+            with tf.init_scope():
+                anchor = self._anchors[key] = tf.Variable([0.0], trainable=True,
+                                                          name="xdl_anchor")
+        return anchor
+
+    def _split(self, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
+        """(static layout, ids, offsets, the other arguments) of one call."""
+        from xdl.wrapper import EmbeddingInput
+
+        bound = self.signature.bind(*args, **kwargs)
+        layout: list[tuple[str, int | None, Any]] = []  # (argument, item, lookup spec)
+        ids: list[Any] = []
+        offsets: list[Any] = []
+        rest: dict[str, Any] = {}
+
+        def add(arg: str, item: int | None, spec: Any, value: Any, offs: Any) -> None:
+            self.xdl.remote(spec)  # the table exists before any graph is traced
+            self._anchor(spec)
+            layout.append((arg, item, spec))
+            ids.append(value)
+            offsets.append(offs)
+
+        for arg, value in bound.arguments.items():
+            if isinstance(value, EmbeddingInput):
+                add(arg, None, value.spec, value.ids, value.offsets)
+            elif arg in self.specs:
+                spec = self.specs[arg]
+                if spec.combiner is not None and isinstance(value, tuple):
+                    add(arg, None, spec, value[0], value[1])
+                else:
+                    add(arg, None, spec, value, None)
+            elif isinstance(value, (list, tuple)) and any(isinstance(v, EmbeddingInput)
+                                                          for v in value):
+                kept = list(value)
+                for i, v in enumerate(value):
+                    if isinstance(v, EmbeddingInput):
+                        add(arg, i, v.spec, v.ids, v.offsets)
+                        kept[i] = None
+                rest[arg] = type(value)(kept) if isinstance(value, list) else tuple(kept)
+            else:
+                rest[arg] = value
+        return tuple(layout), ids, offsets, rest
+
+    def _run(self, train: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        layout, ids, offsets, rest = self._split(args, kwargs)
+        key = (train, layout)
+        step = self._steps.get(key)
+        if step is None:
+            body = functools.partial(self._body, train, layout)
+            step = self._steps[key] = (_tf().function(body, reduce_retracing=True)
+                                       if self.graph else body)
+        return step(ids, offsets, rest)
+
+    def _body(self, train: bool, layout: tuple[Any, ...], ids: list[Any], offsets: list[Any],
+              rest: dict[str, Any]) -> Any:
+        tf = _tf()
+        # predict watches too before the dense variables are shared: it finds them
+        watch = train or (self.server_optimizer is not None and self._dense_sync is None)
+        with tf.GradientTape(watch_accessed_variables=watch) as tape:
+            arguments = dict(rest)
+            for (arg, item, spec), value, offs in zip(layout, ids, offsets, strict=True):
+                remote, anchor = self.xdl.remote(spec), self._anchor(spec)
+                if spec.combiner is None:
+                    emb = self.backend.lookup(remote, value, anchor=anchor)
+                else:
+                    emb = self.backend.lookup_bags(remote, value, offs, combiner=spec.combiner,
+                                                   anchor=anchor)
+                if item is None:
+                    arguments[arg] = emb
+                else:
+                    seq = list(arguments[arg])
+                    seq[item] = emb
+                    arguments[arg] = type(arguments[arg])(seq) if isinstance(
+                        arguments[arg], list) else tuple(seq)
+            bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type]
+            outputs = self.fn(*bound.args, **bound.kwargs)
+        anchors = list({id(a): a for a in (self._anchor(s) for _, _, s in layout)}.values())
+        taken = {id(a) for a in anchors}
+        dense = [v for v in tape.watched_variables() if v.trainable and id(v) not in taken]
+        if watch:
+            self.dense_variables = dense
+        if not train:
+            return outputs
+        loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        grads = tape.gradient(loss, anchors + dense)
+        dense_grads = grads[len(anchors):]
+        if self.optimizer is not None:
+            pairs = [(g, v) for g, v in zip(dense_grads, dense, strict=True) if g is not None]
+            if pairs:
+                self.optimizer.apply_gradients(pairs)
+        if self.server_optimizer is not None:
+            # anchors' gradients first: their callbacks hand the rows over this step
+            with tf.control_dependencies([g for g in grads[:len(anchors)] if g is not None]):
+                dense_grads = [None if g is None else tf.identity(tf.convert_to_tensor(g))
+                               for g in dense_grads]
+        return outputs, dense_grads
+
+    def _share_dense(self) -> None:
+        """Put the dense variables on the shards (the first worker's values win) and start
+        every worker from the server's values."""
+        from xdl.dense import DenseSync
+
+        if not self.dense_variables:
+            raise InvalidArgumentError(
+                f"tf_wrapper: {self.fn.__qualname__} read no trainable variable to share "
+                "through server_optimizer")
+        names = [f"{self.dense_prefix}{i}.{v.name}" for i, v in enumerate(self.dense_variables)]
+        self._dense_sync = DenseSync(self.xdl.client, names,
+                                     [v.numpy() for v in self.dense_variables],
+                                     optimizer=self.server_optimizer,
+                                     sync_workers=self.sync_workers)
+        for var, value in zip(self.dense_variables, self._dense_sync.pull(), strict=True):
+            var.assign(value)
 
 
 def _owns(obj: Any) -> bool:
