@@ -153,6 +153,19 @@ class Client(KeyValueCalls, DenseVariableCalls, CheckpointCalls):
         self._transport.wait(ticket)
 
     # ------------------------------------------------------------ operations
+    def resend_unanswered(self) -> int:
+        """Retry after :class:`~xdl.errors.ServerUnavailableError`, applying nothing twice.
+
+        Sends every request still unanswered again with its original sequence number
+        (never call ``push`` again for the same gradients: that would be a new push),
+        then waits for the replies like :meth:`wait`, raising a refusal or
+        ``ServerUnavailableError`` again if the shard is still away. Returns how many
+        requests were sent again.
+        """
+        count = self._transport.resend_unanswered()
+        self._transport.wait()
+        return count
+
     def stats(self) -> list[dict[str, Any]]:
         """Per-shard statistics: rows and bytes per table, request counts and latencies."""
         return [h for h, _ in self._transport.call_all(P.STATS, {})]

@@ -87,7 +87,13 @@ class PermissionDeniedError(XdlError):
 
 
 class ServerUnavailableError(XdlError):
-    """A shard did not answer within the timeout after every retry."""
+    """A shard did not answer within the timeout after every retry.
+
+    The requests it left unanswered may still be applied later. To retry safely, call
+    :meth:`xdl.Client.resend_unanswered` once the shard is back: it resends them with
+    their original sequence numbers, so a shard that applied one answers it as a
+    duplicate instead of applying it twice.
+    """
 
     code = "UNAVAILABLE"
 

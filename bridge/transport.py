@@ -278,11 +278,34 @@ class Transport:
             if p.attempts >= self.retries:
                 raise ServerUnavailableError(
                     f"no reply to {p.command.decode()} after {p.attempts + 1} attempts of "
-                    f"{self.timeout:g} s; is the shard running?", endpoint=conn.endpoint,
-                    table=p.table)
+                    f"{self.timeout:g} s; is the shard running? Once it is, "
+                    "client.resend_unanswered() sends what is unanswered again with the same "
+                    "sequence numbers (pushing again would apply a push twice)",
+                    endpoint=conn.endpoint, table=p.table)
             log.warning("shard %s silent for %.1f s; reconnecting (attempt %d of %d)",
                         conn.endpoint, self.timeout, p.attempts + 1, self.retries)
             self._reconnect(conn)
+
+    def resend_unanswered(self) -> int:
+        """Send every unanswered request again, with its original sequence number.
+
+        The way to retry after :class:`~xdl.errors.ServerUnavailableError`: a shard
+        that applied a request already answers the resend as a duplicate (and a refused
+        one stays refused), so nothing is applied twice. The requests get a fresh round
+        of retries; their replies are collected by the next :meth:`wait`. Returns how
+        many requests were sent again.
+        """
+        with self.lock:
+            count = 0
+            for conn in self.conns:
+                if not conn.pending:
+                    continue
+                conn.orphans.update(conn.pending)  # the next wait() collects them
+                self._reconnect(conn)
+                for p in conn.pending.values():
+                    p.attempts = 0
+                count += len(conn.pending)
+            return count
 
     def raise_failed(self) -> None:
         """Raise the first refusal of an asynchronous request not raised yet, if any."""

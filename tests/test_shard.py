@@ -247,3 +247,49 @@ def test_plugin_optimizer_becomes_an_entry_of_the_kernel_map() -> None:
     optimizers.apply(Halve(), values, {}, np.array([1]), np.zeros((1, 2), np.float32), 1)
     np.testing.assert_array_equal(values[:, 0], [1.0, 0.5, 1.0])
     assert "test_halve" in optimizers.KERNELS
+
+
+def test_refused_push_stays_refused_on_resend(call: Caller, tmp_path: Any) -> None:
+    ids = np.array([7], dtype=np.int64)
+    bad = call.frames(P.PUSH, {"table": "emb"}, {"ids": ids,
+                                                 "grads": np.full((1, 4), np.nan, np.float32)})
+    good = call.frames(P.PUSH, {"table": "emb"}, {"ids": ids, "grads": np.ones((1, 4), np.float32)})
+    h, _ = call.send_frames(bad)
+    assert h["code"] == "INVALID_ARGUMENT" and "NaN" in h["message"]
+    assert call.send_frames(good)[0]["ok"]
+    state = table_state(call)
+    for frames in (bad, good, bad):  # resends of both, below the high-water mark
+        h, _ = call.send_frames(frames)
+        assert h["dup"] is True
+    h, _ = call.send_frames(bad)
+    assert not h["ok"] and h["code"] == "INVALID_ARGUMENT" and "NaN" in h["message"]
+    assert call.send_frames(good)[0]["ok"]
+    np.testing.assert_array_equal(state["values"], table_state(call)["values"])
+    # The outcome survives a checkpoint: a restored shard still refuses the resend.
+    from xdl import ckpt_layout
+    from xdl.server import checkpoint
+
+    call.shard.checkpoint_root = str(tmp_path)
+    tmp = ckpt_layout.begin(str(tmp_path))
+    h, _ = call(P.SAVE, {"dir": tmp})
+    ckpt_layout.commit(tmp, 1, [(0, P.NUM_BUCKETS)], [h])
+    restored = Shard(checkpoint_root=str(tmp_path))
+    checkpoint.swap_in(restored, checkpoint.stage(restored, ckpt_layout.resolve(str(tmp_path))))
+    again = Caller(restored)
+    h, _ = again.send_frames(bad)
+    assert not h["ok"] and "NaN" in h["message"] and h["dup"]
+    h, _ = again.send_frames(good)
+    assert h["ok"] and h["dup"]
+
+
+def test_outcomes_older_than_the_refusal_window_are_not_guessed(call: Caller) -> None:
+    from xdl.server.exactly_once import REFUSED_WINDOW
+
+    nan = np.full((1, 4), np.nan, np.float32)
+    ids = np.array([1], dtype=np.int64)
+    first = call.frames(P.PUSH, {"table": "emb"}, {"ids": ids, "grads": nan})
+    call.send_frames(first)
+    for _ in range(REFUSED_WINDOW):
+        call(P.PUSH, {"table": "emb"}, {"ids": ids, "grads": nan})
+    h, _ = call.send_frames(first)  # its refusal has left the window
+    assert not h["ok"] and h["code"] == "STALE_CLIENT" and "no longer knows" in h["message"]
