@@ -88,22 +88,24 @@ class Shard:
         self.log.close()
 
 
-@pytest.fixture
-def shards(tmp_path: Any) -> Any:
+@pytest.fixture(params=[("every", KILLS), ("5", 4)], ids=["fsync-every", "fsync-5ms"])
+def shards(tmp_path: Any, request: pytest.FixtureRequest) -> Any:
+    """Two shards with logs (group commit per loop turn, or every 5 ms), and the kill count."""
+    fsync, kills = request.param
     root = str(tmp_path / "ckpt")
     os.makedirs(root)
-    group = [Shard(k, 2, str(tmp_path / f"wal{k}"), root, "every") for k in range(2)]
+    group = [Shard(k, 2, str(tmp_path / f"wal{k}"), root, fsync) for k in range(2)]
     try:
         for s in group:
             s.start()
-        yield group, root
+        yield group, root, kills
     finally:
         for s in group:
             s.stop()
 
 
 def test_no_acknowledged_push_is_lost_or_doubled_across_sigkills(shards: Any) -> None:
-    group, root = shards
+    group, root, n_kills = shards
     rng = random.Random(1234)
     client = connect([s.endpoint for s in group], timeout=0.4, retries=200)
     client.create_table("t", dim=2, optimizer=xoptim.SGD(lr=1.0))
@@ -115,7 +117,7 @@ def test_no_acknowledged_push_is_lost_or_doubled_across_sigkills(shards: Any) ->
     def killer() -> None:
         try:
             t0 = time.monotonic()
-            for _ in range(KILLS):
+            for _ in range(n_kills):
                 time.sleep(rng.uniform(0.2, 1.2))
                 victim = group[rng.randrange(len(group))]
                 victim.kill()
@@ -142,7 +144,7 @@ def test_no_acknowledged_push_is_lost_or_doubled_across_sigkills(shards: Any) ->
                 j, ticket = window.popleft()
                 client.wait(ticket)
                 acked.append(j)
-            if i == 300 and saved is None:  # a checkpoint mid-stream: recovery starts there
+            if i == 150 and saved is None:  # a checkpoint mid-stream: recovery starts there
                 saved = client.save(root)
         while window:
             j, ticket = window.popleft()
@@ -150,7 +152,7 @@ def test_no_acknowledged_push_is_lost_or_doubled_across_sigkills(shards: Any) ->
             acked.append(j)
         thread.join(30)
         assert not errors, errors
-        assert len(kills) == KILLS
+        assert len(kills) == n_kills
         rows = client.pull("t", np.arange(i * IDS_PER_PUSH, dtype=np.int64))
         noticed = sum(c.restarts for c in client._transport.conns)
     finally:
@@ -164,7 +166,7 @@ def test_no_acknowledged_push_is_lost_or_doubled_across_sigkills(shards: Any) ->
     assert np.all(rows == 1.0)
     assert saved is not None
     # the client saw new boot ids (two kills before any reply in between count once)
-    assert 1 <= noticed <= KILLS
-    print(f"\n{i} pushes acknowledged through {KILLS} SIGKILLs at t = "
+    assert 1 <= noticed <= n_kills
+    print(f"\n{i} pushes acknowledged through {n_kills} SIGKILLs at t = "
           f"{', '.join(f'{t:.1f}' for t in kills)} s; each applied exactly once; the client "
           f"noticed {noticed} restarts")

@@ -375,3 +375,28 @@ def test_a_shard_whose_log_cannot_be_written_refuses_and_stops(
     again = LoggedShard(wal_dir, root)  # and the restart holds only what was logged
     assert len(again.shard.tables["t"]) == 0
     again.durable.close()
+
+
+def test_a_load_becomes_the_base_of_recovery(tmp_path: Any) -> None:
+    from xdl import ckpt_layout
+
+    root, wal_dir = str(tmp_path / "ckpt"), str(tmp_path / "wal")
+    os.makedirs(root)
+    s = LoggedShard(wal_dir, root)
+    ids = np.array([4, 9], np.int64)
+    g = np.ones((2, 2), np.float32)
+    assert s(1, P.CREATE_TABLE, {"table": "t", "dim": 2})["ok"]
+    assert s(2, P.PUSH, {"table": "t"}, {"ids": ids, "grads": g})["ok"]
+    tmp = ckpt_layout.begin(root)
+    ckpt_layout.commit(tmp, 1, [(0, P.NUM_BUCKETS)], [s(3, P.SAVE, {"dir": tmp})])
+    assert s(4, P.PUSH, {"table": "t"}, {"ids": ids, "grads": g})["ok"]
+    saved_rows = s.shard.tables["t"].pull(ids).copy()
+    assert s(5, P.LOAD, {"dir": tmp[:-4]})["ok"]  # back to the checkpoint: one push undone
+    assert s(6, P.PUSH, {"table": "t"}, {"ids": ids[:1], "grads": g[:1]})["ok"]
+    assert len(s.durable.wal.segments()) == 1  # everything before the load is gone
+    want = s.shard.tables["t"].pull(ids).copy()
+    assert not np.array_equal(want, saved_rows)
+    again = LoggedShard(wal_dir, root)
+    assert again.durable.report.base == tmp[:-4] and again.durable.report.replayed == 1
+    np.testing.assert_array_equal(again.shard.tables["t"].pull(ids), want)
+    again.durable.close()
