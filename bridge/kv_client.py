@@ -26,10 +26,16 @@ from .transport import Ticket, Transport
 
 
 def as_ids(ids: Any, table: str) -> np.ndarray:
-    """``ids`` flattened to int64 (no copy when already int64); refuses non-integers."""
+    """``ids`` flattened to int64 (no copy when already int64); refuses non-integers and
+    uint64 ids >= 2**63, which would silently alias negative int64 ids."""
     arr = np.asarray(ids)
     if arr.dtype.kind not in "iu":
         raise InvalidArgumentError(f"ids must be integers, got dtype {arr.dtype}", table=table)
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise InvalidArgumentError(
+            f"uint64 id {int(arr.max())} does not fit an int64 id (>= 2**63); ids are int64 "
+            "feature hashes: reinterpret them with ids.view(np.int64) if that is meant",
+            table=table)
     return arr.reshape(-1).astype(np.int64, copy=False)
 
 

@@ -326,3 +326,14 @@ def test_concurrent_workers_each_push_applied_once(start_cluster: Callable[..., 
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
     np.testing.assert_allclose(base.pull("t", ids), start - 0.5 * total, atol=1e-5)
+
+
+def test_uint64_ids_beyond_int64_are_refused_not_aliased(cluster2: Client) -> None:
+    cluster2.create_table("u", 2)
+    with pytest.raises(InvalidArgumentError, match="2\\*\\*63"):
+        cluster2.pull("u", np.array([2 ** 63 + 1], dtype=np.uint64))
+    with pytest.raises(InvalidArgumentError, match="2\\*\\*63"):
+        cluster2.push("u", np.array([2 ** 64 - 1], dtype=np.uint64), np.ones((1, 2), np.float32))
+    assert cluster2.describe_table("u")["rows"] == 0
+    rows = cluster2.pull("u", np.array([5, 2 ** 63 - 1], dtype=np.uint64))  # fits: accepted
+    assert rows.shape == (2, 2)
