@@ -127,8 +127,6 @@ def block_class() -> Any:
         mx = _mx()
         from mxnet import gluon
 
-        from xdl.backends.mxnet_backend import host_lookup, register_host
-
         class DistributedEmbedding(gluon.nn.Embedding):  # type: ignore[misc]
             """``gluon.nn.Embedding`` whose rows live in a parameter-server table.
 
@@ -159,7 +157,7 @@ def block_class() -> Any:
                 self.anchor = self.params.get("anchor", shape=(1,), dtype="float32",
                                               init=mx.init.Zero(), allow_deferred_init=False)
                 self.anchor.initialize(ctx=mx.cpu())
-                self._key = register_host(self)
+                self._key = _backend().register_host(self)
                 self.register_forward_pre_hook(lambda block, args: block.before_step())
 
             @property
@@ -212,7 +210,7 @@ def block_class() -> Any:
                 if F is mx.nd:
                     return _backend().lookup(self.remote, x, anchor=anchor,
                                              on_row_grads=self.held.add)
-                return host_lookup(F, self._key, x, anchor)
+                return _backend().host_lookup(F, self._key, x, anchor)
 
             # numpy-level entry points of the custom operator (xdl_host_lookup)
             def host_forward(self, ids: np.ndarray) -> tuple[np.ndarray, LookupPlan]:

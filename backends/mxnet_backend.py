@@ -342,6 +342,14 @@ class MXNetBackend(Backend):
             pending, self._pending = self._pending, []
         wait_backward(pending)
 
+    def register_host(self, host: HostLookup) -> str:
+        """:func:`register_host`: the key an ``xdl_host_lookup`` operator names ``host`` by."""
+        return register_host(host)
+
+    def host_lookup(self, F: Any, key: str, ids: Any, anchor: Any, *extra: Any) -> Any:  # noqa: N803
+        """:func:`host_lookup`: the custom operator calling host ``key`` (graph mode)."""
+        return host_lookup(F, key, ids, anchor, *extra)
+
     def wrapper(self, client: Any, tables: Any = None, *, sync_push: bool = True) -> Any:
         """``xdl.mxnet_wrapper``: the core's :func:`xdl.wrapper.wrapper` for MXNet, whose
         ``wait_pushes`` / ``close`` first wait for MXNet's asynchronous backward.
