@@ -425,3 +425,29 @@ def test_server_weight_decay_is_torchs(spec: Any, local: Any) -> None:
     assert xdl.optim.from_dict({"kind": "sgd", "lr": 1.0}).weight_decay == 0.0
     with pytest.raises(InvalidArgumentError, match="weight_decay"):
         xdl.optim.SGD(lr=0.1, weight_decay=-1.0)
+
+
+def test_without_a_flush_point_gradients_are_pushed_before_the_next_pull(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend whose framework has no end-of-backward hook (schedule_flush → False)
+    stays exact: the step's gradients, merged, go out before the table's next pull."""
+    backend = xdl.get_backend("torch")
+    monkeypatch.setattr(type(backend), "schedule_flush", lambda self, callback: False)
+    weight = torch.from_numpy(xdl.init.generate(INIT, 0, np.arange(12), 3))
+    local_emb = nn.Embedding(12, 3, sparse=True, _weight=weight.clone())
+    client = FakeClient()
+    remote = xdl.swap(nn.Embedding(12, 3, _weight=weight.clone()), client,
+                      optimizer=xdl.optim.Adagrad.torch(lr=0.3))
+    opt = torch.optim.Adagrad(local_emb.parameters(), lr=0.3)
+    rng = np.random.default_rng(1)
+    for step_no in range(4):
+        a, b = (torch.from_numpy(rng.integers(0, 12, (4, 2))) for _ in range(2))
+        opt.zero_grad()
+        (local_emb(a).sum() * local_emb(b).sum()).backward()
+        opt.step()
+        (remote(a).sum() * remote(b).sum()).backward()
+        assert len(client.pushes) == step_no  # this step's gradients wait in the buffer
+    remote.wait_pushes()
+    assert len(client.pushes) == 4  # one merged push per step
+    np.testing.assert_allclose(client.pull("embedding", np.arange(12)),
+                               local_emb.weight.detach().numpy(), atol=1e-6)
