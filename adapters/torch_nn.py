@@ -1,11 +1,17 @@
-"""PyTorch adapter: swap a model's embedding layers for distributed ones, and back.
+"""PyTorch adapter: what ``xdl.swap`` needs to know about torch's embedding layers.
 
-``swap(model, client)`` replaces every ``nn.Embedding`` / ``nn.EmbeddingBag`` (also
-nested in ``ModuleDict``, ``ModuleList``, ``Sequential`` or a subclassed model) by a
-:class:`DistributedEmbedding` / :class:`DistributedEmbeddingBag` reading table
-``prefix + <module path>``; ``unswap(model, client)`` puts ordinary modules back with
-the trained rows. ``torch_wrapper`` is the decorator for functional code, and
-``prefetch_batches`` overlaps the pull of batch t+1 with the compute of batch t.
+:class:`TorchEmbeddingAdapter` (registered through ``xdl_register_adapters``) lets the
+core's walk (:func:`xdl.surgery.swap`) replace every ``nn.Embedding`` /
+``nn.EmbeddingBag`` (also nested in ``ModuleDict``, ``ModuleList``, ``Sequential``, a
+subclassed model or a ``torch.fx`` ``GraphModule``) by a :class:`DistributedEmbedding` /
+:class:`DistributedEmbeddingBag` over table ``prefix + <module path>``, and
+``xdl.unswap`` put ordinary modules back with the trained rows. Table naming, options,
+creation, the upload of the layer's rows and the export are the core's; here is only
+what is torch's: the layer types, their settings, their weights, the module tree, and
+the optimizer param groups that held a replaced weight. ``prefetch`` learns which batch
+entry feeds which distributed module (forward pre-hooks) and prefetches through
+:func:`xdl.wrapper.prefetch_batches`. ``swap``, ``unswap``, ``torch_wrapper`` and
+``Lookup`` are the core's, re-exported.
 
 This module is a built-in plugin; it does not import torch until a function needs it
 (the module classes live in :mod:`xdl.adapters.torch_modules` and are re-exported

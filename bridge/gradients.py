@@ -34,6 +34,10 @@ from .sharding import add_rows
 
 #: ``on_push(ticket)``: told the ticket of the push that carried a lookup's gradients.
 OnPush = Callable[[Any], None]
+#: push tickets kept per table for :meth:`GradientBuffer.wait` (older ones are dropped
+#: unwaited: the client raises their errors on its next call, and bounds its own
+#: in-flight pushes)
+MAX_TRACKED = 64
 
 
 def merge_rows(ids: list[np.ndarray], grads: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +128,10 @@ class GradientBuffer:
         for name, parts in groups:
             ticket = tickets[name]
             if ticket is not None:
-                self._tickets.setdefault((id(client), name), []).append((client, ticket))
+                kept = self._tickets.setdefault((id(client), name), [])
+                kept.append((client, ticket))
+                if len(kept) > MAX_TRACKED:  # nobody waits (sync_push=False, no prefetch)
+                    del kept[:-MAX_TRACKED]
             for callback in parts.on_push.values():
                 callback(ticket)
 
