@@ -119,6 +119,8 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
     log.info("shard %d/%d serving on %s", shard, num_shards, endpoint)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
+    if durability.wake_fd is not None:  # a background group commit ended
+        poller.register(durability.wake_fd, zmq.POLLIN)
     try:
         while not stop["flag"] and not state.stopping:
             ready = poller.poll(durability.timeout_ms(200))

@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -183,6 +184,84 @@ class WalStats:
     dropped_segments: int = 0
 
 
+class _Syncer:
+    """A thread that runs ``fdatasync`` while the shard goes on serving.
+
+    The service loop watches :attr:`wake_fd`, which becomes readable when a sync ends.
+    """
+
+    def __init__(self) -> None:
+        self.wake_fd, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+        self._cv = threading.Condition()
+        self._job: tuple[int, int] | None = None
+        self.busy = False
+        self.done_lsn = 0
+        self.error: OSError | None = None
+        self.seconds = 0.0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="xdl-wal-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._job is None and not self._stop:
+                    self._cv.wait()
+                if self._job is None:
+                    return
+                fd, lsn = self._job
+            t0 = time.perf_counter()
+            err: OSError | None = None
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                err = exc
+            with self._cv:
+                self._job = None
+                self.busy = False
+                self.seconds += time.perf_counter() - t0
+                if err is not None:
+                    self.error = err
+                else:
+                    self.done_lsn = max(self.done_lsn, lsn)
+                self._cv.notify_all()
+            try:
+                os.write(self._wake_w, b"s")
+            except OSError:  # the pipe is full: the loop wakes up anyway
+                pass
+
+    def submit(self, fd: int, lsn: int) -> None:
+        """Start syncing ``fd``; records up to ``lsn`` are durable once it ends."""
+        with self._cv:
+            self._job = (fd, lsn)
+            self.busy = True
+            self._cv.notify_all()
+
+    def wait_idle(self) -> None:
+        """Block until no sync runs."""
+        with self._cv:
+            while self.busy:
+                self._cv.wait()
+
+    def drain_wakeups(self) -> None:
+        """Empty the wake-up pipe."""
+        try:
+            while os.read(self.wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Stop the thread and close the pipe."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join()
+        os.close(self.wake_fd)
+        os.close(self._wake_w)
+
+
 class WriteAheadLog:
     """Append-only log in segment files ``<directory>/<first lsn>.wal``.
 
@@ -193,10 +272,12 @@ class WriteAheadLog:
     :param directory: folder of the segments (created if absent).
     :param fsync: ``"every"``, ``"none"`` or milliseconds between syncs (see the module).
     :param segment_bytes: a segment is closed after a record takes it past this size.
+    :param background: run group commits in a thread (:meth:`start_sync`), so the shard
+        serves the next requests while the disk syncs; the loop watches :attr:`wake_fd`.
     """
 
     def __init__(self, directory: str, *, fsync: str | float = "every",
-                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, background: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         self.interval = parse_fsync(fsync)
         self.segment_bytes = int(segment_bytes)
@@ -210,6 +291,9 @@ class WriteAheadLog:
         self._open_existing()
         #: records below this lsn were on disk when the log was opened
         self.opened_lsn = self.next_lsn
+        #: highest lsn known to be durable (with ``"none"``: written to the OS)
+        self.synced_lsn = self.next_lsn - 1
+        self._syncer = _Syncer() if background and self.interval is not None else None
 
     # ------------------------------------------------------------------ opening
     def _open_existing(self) -> None:
@@ -312,7 +396,9 @@ class WriteAheadLog:
         self._size += total
         self.stats.records += 1
         self.stats.bytes += total
-        if self.interval is not None and self._unsynced_since is None:
+        if self.interval is None:
+            self.synced_lsn = lsn
+        elif self._unsynced_since is None:
             self._unsynced_since = time.monotonic()
         if self._size >= self.segment_bytes:
             self.rotate()
@@ -343,33 +429,84 @@ class WriteAheadLog:
     # ------------------------------------------------------------------ durability
     @property
     def unsynced(self) -> bool:
-        """Whether records were written since the last sync (always False for ``"none"``)."""
-        return self._unsynced_since is not None
+        """Whether written records are not yet durable (always False for ``"none"``)."""
+        return self.next_lsn - 1 > self.synced_lsn
+
+    @property
+    def sync_busy(self) -> bool:
+        """Whether a background sync is running."""
+        return self._syncer is not None and self._syncer.busy
+
+    @property
+    def wake_fd(self) -> int | None:
+        """A file descriptor that becomes readable when a background sync ends."""
+        return self._syncer.wake_fd if self._syncer is not None else None
 
     def sync_due_in(self) -> float | None:
-        """Seconds until the group commit is due (0: now), or None when nothing waits."""
+        """Seconds until the next group commit is due (0: now), or None when nothing waits."""
         if self._unsynced_since is None or self.interval is None:
             return None
         return max(0.0, self._unsynced_since + self.interval - time.monotonic())
 
+    def start_sync(self) -> None:
+        """Begin a group commit of every record written so far.
+
+        In the background when the log was opened with ``background=True`` (see
+        :meth:`collect`), else right here. Does nothing while a background sync runs.
+        """
+        if not self.unsynced or self._fd is None or self.sync_busy:
+            return
+        if self._syncer is None:
+            self.sync()
+            return
+        self._unsynced_since = None
+        self.stats.syncs += 1
+        self._syncer.submit(self._fd, self.next_lsn - 1)
+
+    def collect(self) -> int:
+        """Take note of finished background syncs; return the highest durable lsn.
+
+        Raises :class:`~xdl.errors.CheckpointError` if a sync failed: nothing written
+        since the last good one may be acknowledged.
+        """
+        if self._syncer is not None:
+            self._syncer.drain_wakeups()
+            if self._syncer.error is not None:
+                raise CheckpointError(
+                    f"cannot sync the write-ahead log in {self.directory}: "
+                    f"{self._syncer.error}; the shard stops without acknowledging what it "
+                    "wrote since the last sync")
+            self.synced_lsn = max(self.synced_lsn, self._syncer.done_lsn)
+            self.stats.sync_seconds = self._syncer.seconds
+        return self.synced_lsn
+
     def sync(self) -> None:
-        """Make every record written so far durable (``fdatasync``)."""
-        if self._unsynced_since is None:
+        """Make every record written so far durable now (``fdatasync``), waiting if needed."""
+        if self._syncer is not None:
+            self._syncer.wait_idle()
+            self.collect()
+        if not self.unsynced:
+            self._unsynced_since = None
             return
         t0 = time.perf_counter()
         if self._fd is not None:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot sync the write-ahead log in {self.directory}: {exc}; what was "
+                    "written since the last sync is not acknowledged") from None
         self.stats.syncs += 1
         self.stats.sync_seconds += time.perf_counter() - t0
         self._unsynced_since = None
+        self.synced_lsn = self.next_lsn - 1
 
     def rotate(self) -> None:
         """Close the current segment (synced); the next record starts a new one."""
         if self._fd is None:
             return
         if self.interval is not None:
-            os.fdatasync(self._fd)
-        self._unsynced_since = None
+            self.sync()
         os.close(self._fd)
         self._fd = None
 
@@ -389,12 +526,18 @@ class WriteAheadLog:
         return [s.path for s in self._segments]
 
     def close(self) -> None:
-        """Sync (unless the policy is ``"none"``) and close the current segment."""
-        if self._fd is not None:
-            if self.interval is not None:
-                self.sync()
-            os.close(self._fd)
-            self._fd = None
+        """Sync (unless the policy is ``"none"``), close the segment, stop the sync thread."""
+        try:
+            if self._fd is not None:
+                if self.interval is not None and (self._syncer is None
+                                                  or self._syncer.error is None):
+                    self.sync()
+                os.close(self._fd)
+                self._fd = None
+        finally:
+            if self._syncer is not None:
+                self._syncer.close()
+                self._syncer = None
 
 
 @dataclass
@@ -406,30 +549,50 @@ class ReplyGate:
     """
 
     wal: WriteAheadLog | None
-    held: list[tuple[Callable[[list[Any]], None], list[Any]]] = field(default_factory=list)
+    held: list[tuple[int, Callable[[list[Any]], None], list[Any]]] = field(default_factory=list)
 
     def send(self, send: Callable[[list[Any]], None], frames: list[Any]) -> None:
-        """Send ``frames`` now, or once the log is synced."""
-        if self.held or (self.wal is not None and self.wal.unsynced):
-            self.held.append((send, frames))
+        """Send ``frames`` now, or once what was logged before them is durable."""
+        if self.wal is None:
+            send(frames)
+            return
+        need = self.wal.next_lsn - 1
+        if self.held or need > self.wal.synced_lsn:
+            self.held.append((need, send, frames))
         else:
             send(frames)
 
     def timeout_ms(self, idle_ms: int) -> int:
         """How long the service loop may block in poll before :meth:`commit_if_due`."""
-        due = self.wal.sync_due_in() if self.wal is not None else None
+        if self.wal is None or self.wal.sync_busy:
+            return idle_ms  # a running sync wakes the loop through wal.wake_fd
+        due = self.wal.sync_due_in()
         return idle_ms if due is None else min(idle_ms, int(due * 1e3) + 1)
 
     def commit_if_due(self, force: bool = False) -> None:
-        """Sync the log when the policy says so (or ``force``) and release held replies."""
-        if self.wal is not None and self.wal.unsynced:
-            due = self.wal.sync_due_in()
-            if not force and (due is None or due > 0):
-                return
+        """Start (or, with ``force``, finish) a group commit when due; send what is durable."""
+        if self.wal is None:
+            return
+        self.wal.collect()
+        if force:
             self.wal.sync()
-        held, self.held = self.held, []
-        for send, frames in held:
+        elif self.wal.unsynced and self.wal.sync_due_in() == 0:
+            self.wal.start_sync()
+        durable = self.wal.synced_lsn
+        n = 0
+        for need, send, frames in self.held:
+            if need > durable:
+                break
             send(frames)
+            n += 1
+        if n:
+            del self.held[:n]
+
+    def drop(self) -> int:
+        """Forget every held reply (the shard stops without acknowledging them)."""
+        n = len(self.held)
+        self.held.clear()
+        return n
 
 
 # ---------------------------------------------------------------------- shard glue
@@ -573,15 +736,22 @@ class Durability:
         self.journal = ShardJournal(wal) if wal is not None else None
         self.boot = os.urandom(8).hex()
         self.report = RecoveryReport()
+        self.failed = False
         self._last_trim = time.monotonic()
         if self.journal is not None:
             shard.dispatcher.journal = self.observe
 
     @classmethod
     def open(cls, shard: Any, directory: str, fsync: str | float = "every",
-             segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Durability:
-        """Open the log in ``directory`` and rebuild ``shard``'s state from it."""
-        self = cls(shard, WriteAheadLog(directory, fsync=fsync, segment_bytes=segment_bytes))
+             segment_bytes: int = DEFAULT_SEGMENT_BYTES, background: bool = True
+             ) -> Durability:
+        """Open the log in ``directory`` and rebuild ``shard``'s state from it.
+
+        :param background: sync in a thread while the shard serves on (see
+            :class:`WriteAheadLog`); the service loop must then watch :attr:`wake_fd`.
+        """
+        self = cls(shard, WriteAheadLog(directory, fsync=fsync, segment_bytes=segment_bytes,
+                                        background=background))
         assert self.journal is not None
         self.report = self.journal.recover(self._load, self._replay)
         if self.report.records:
@@ -656,18 +826,39 @@ class Durability:
         """How long the loop may block in poll."""
         return self.gate.timeout_ms(idle_ms)
 
+    @property
+    def wake_fd(self) -> int | None:
+        """A descriptor the loop polls too: readable when a background sync ends."""
+        return self.wal.wake_fd if self.wal is not None else None
+
     def tick(self) -> None:
-        """Group commit when due; now and then drop segments a checkpoint covers."""
-        self.gate.commit_if_due()
+        """Group commit when due and send what became durable; now and then drop
+        segments a checkpoint covers. A failed sync stops the shard unacknowledged."""
+        if self.failed:
+            return
+        try:
+            self.gate.commit_if_due()
+        except CheckpointError as exc:
+            self._fail(exc)
+            return
         now = time.monotonic()
         if self.journal is not None and now - self._last_trim > 1.0:
             self._last_trim = now
             self.journal.trim()
 
+    def _fail(self, exc: Exception) -> None:
+        self.failed = True
+        dropped = self.gate.drop()
+        log.critical("shard %d: %s (%d replies withheld)", self.shard.shard, exc, dropped)
+        self.shard.stopping = True
+
     def close(self) -> None:
-        """Sync and release every held reply, then close the log."""
+        """Sync and send every held reply (unless syncing failed), then close the log."""
         try:
-            self.gate.commit_if_due(force=True)
+            if not self.failed:
+                self.gate.commit_if_due(force=True)
+        except CheckpointError as exc:
+            self._fail(exc)
         finally:
             if self.wal is not None:
                 self.wal.close()

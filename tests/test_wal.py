@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from typing import Any
 
 import numpy as np
@@ -186,6 +187,33 @@ def test_an_interval_waits_for_its_deadline(tmp_path: Any) -> None:
     log.close()
 
 
+def test_background_group_commit_sends_each_reply_once_its_record_is_durable(
+        tmp_path: Any) -> None:
+    import select
+
+    log = W.WriteAheadLog(str(tmp_path), fsync="every", background=True)
+    gate = W.ReplyGate(log)
+    sent: list[tuple[str, int]] = []
+
+    def send(frames: list[Any]) -> None:
+        sent.append((frames[0], log.synced_lsn))
+
+    for i in range(1, 41):  # records keep coming while earlier ones sync
+        log.append(W.REQ, push_frames(i))
+        gate.send(send, [f"ack {i}"])
+        gate.commit_if_due()
+    deadline = time.monotonic() + 30
+    while len(sent) < 40 and time.monotonic() < deadline:
+        assert log.wake_fd is not None
+        select.select([log.wake_fd], [], [], 0.5)
+        gate.commit_if_due()
+    assert [f for f, _ in sent] == [f"ack {i}" for i in range(1, 41)]  # all, in order
+    assert all(durable >= i for i, (_, durable) in enumerate(sent, 1))  # none too early
+    assert 1 <= log.stats.syncs <= 40
+    log.close()
+    assert [r.lsn for r in W.iter_records(str(tmp_path))] == list(range(1, 41))
+
+
 def test_no_fsync_acknowledges_at_once(tmp_path: Any) -> None:
     log = W.WriteAheadLog(str(tmp_path), fsync="none")
     gate = W.ReplyGate(log)
@@ -292,7 +320,7 @@ class LoggedShard:
         from xdl.server.shard import Shard
 
         self.shard = Shard(checkpoint_root=root)
-        self.durable = W.Durability.open(self.shard, wal_dir, "every")
+        self.durable = W.Durability.open(self.shard, wal_dir, "every", background=False)
 
     def __call__(self, seq: int, command: bytes, header: dict[str, Any],
                  arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
