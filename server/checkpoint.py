@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from xdl import optim as xoptim
+from xdl import protocol as P
 from xdl.ckpt_layout import (
     FORMAT_VERSION,
     disk_error,
@@ -38,6 +40,7 @@ from xdl.sharding import bucket_of, dense_shard
 from .exactly_once import ClientRecord
 from .state import ShardState
 from .table import DenseVariable, SparseTable
+from .table_commands import MAX_TABLE_DIM as MAX_DIM
 
 __all__ = ["save_shard", "load_shard", "Staged", "stage", "swap_in", "resolve"]
 
@@ -201,6 +204,10 @@ def _load(state: ShardState, path: str) -> tuple[
             a, b = max(lo, plo), min(hi, phi)
             meta = v.json(f"tables/{name}/part-{k}.json")
             if table is None:
+                dim = meta["spec"]["dim"]
+                if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= MAX_DIM:
+                    raise CheckpointError(f"{path}: table {name!r} has dim {dim!r}; at most "
+                                          f"{MAX_DIM}")
                 table = SparseTable.from_spec_dict(meta["spec"])
                 if table.name != name:
                     raise CheckpointError(f"{path}: part {k} of table {name!r} names table "
@@ -226,6 +233,13 @@ def _load(state: ShardState, path: str) -> tuple[
         if dense_shard(name, state.num_shards) != state.shard:
             continue
         meta = v.json(f"dense/{name}.json")
+        shape = meta["shape"]
+        if (not isinstance(shape, list) or not 0 < len(shape) <= P.MAX_RANK
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= P.MAX_DIM
+                           for d in shape)
+                or math.prod(shape) * 4 > state.max_request_bytes):
+            raise CheckpointError(f"{path}: dense variable {name!r} has shape {shape!r:.80}, "
+                                  "which this shard cannot hold")
         var = DenseVariable(name, tuple(meta["shape"]),
                             xoptim.from_dict(meta["describe"]["optimizer"]), None)
         var.import_arrays({f: np.array(v.npy(f"dense/{name}.{_field_file(f)}.npy"))

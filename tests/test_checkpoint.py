@@ -206,3 +206,33 @@ def test_save_into_a_file_or_a_full_disk_says_so(tmp_path: os.PathLike[str]) -> 
         # a real write to a device that is always full (written in place, never renamed)
         with pytest.raises(DiskFullError):
             checkpoint._write_npy("/dev/full", np.zeros(100000, np.float32))
+
+
+def test_checkpoint_files_with_matching_checksums_are_still_checked(
+        tmp_path: os.PathLike[str]) -> None:
+    """A crafted checkpoint (consistent checksums, absurd contents) is refused cleanly."""
+    root = str(tmp_path)
+    shard = Shard(checkpoint_root=root)
+    out: list[list[bytes]] = []
+
+    def send(seq: int, command: bytes, header: dict) -> dict:
+        h = {"cid": "w", "inc": 1, "seq": seq, **header}
+        shard.handle([bytes(memoryview(f)) for f in codec.encode(command, h)], out.append)
+        return codec.decode([bytes(memoryview(f)) for f in out[-1]])[1]
+
+    assert send(1, P.CREATE_DENSE, {"name": "fc", "shape": [2]})["ok"]
+    tmp = ckpt_layout.begin(root)
+    path = ckpt_layout.commit(tmp, 1, [(0, P.NUM_BUCKETS)], [send(2, P.SAVE, {"dir": tmp})])
+    rel = "dense/fc.json"
+    with open(os.path.join(path, rel)) as f:
+        meta = json.load(f)
+    meta["shape"] = [2 ** 32, 2 ** 32]
+    ckpt_layout.write_json(os.path.join(path, rel), meta)
+    mpath = os.path.join(path, ckpt_layout.MANIFEST)
+    with open(mpath) as f:
+        manifest = json.load(f)
+    manifest["files"][rel]["sha256"] = ckpt_layout.sha256(os.path.join(path, rel))
+    ckpt_layout.write_json(mpath, manifest)
+    h = send(3, P.LOAD, {"dir": path})
+    assert h["code"] == "CHECKPOINT" and "cannot hold" in h["message"], h
+    assert shard.dense["fc"].shape == (2,)
