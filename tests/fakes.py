@@ -102,8 +102,8 @@ class FakeClient:
             assert len(np.unique(ids)) == len(ids), "pull(unique=True) ids must be unique"
         with self._lock:
             self.pulls.append((name, ids.copy()))
-            unique, inverse = np.unique(ids, return_inverse=True)
-            return self.tables[name].get(unique)[inverse.reshape(-1)]
+            keys, inverse = np.unique(ids, return_inverse=True)
+            return self.tables[name].get(keys)[inverse.reshape(-1)]
 
     def push(self, name: str, ids: Any, grads: Any, *, unique: bool = False) -> int:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

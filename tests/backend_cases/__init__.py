@@ -15,6 +15,7 @@ A case whose framework is not installed is skipped, not failed.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 import numpy as np
