@@ -125,7 +125,17 @@ def _split(ids: np.ndarray, route: np.ndarray, num_shards: int
 @njit(cache=True)
 def _take(a: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
     dim = a.shape[1]
-    for i in range(idx.shape[0]):
+    n = idx.shape[0]
+    # rows of 128 bytes or more: request every line of the row 8 ahead (a row's copy
+    # is long enough that the CPU alone overlaps few of their misses)
+    ahead = 8 if dim * a.itemsize >= 128 else n
+    step = max(1, 64 // a.itemsize)
+    flat = a.reshape(-1)
+    for i in range(n):
+        if i + ahead < n:
+            base = idx[i + ahead] * dim
+            for j in range(0, dim, step):
+                prefetch_row(flat, base + j)
         src = a[idx[i]]
         dst = out[i]
         for j in range(dim):

@@ -17,7 +17,7 @@ is full and the Python wrappers grow them and resume, so no Python loop runs per
 
 **Arenas** (:class:`Arena`) are 2-D arrays on anonymous private memory maps. They grow
 in place with ``mremap``: no copy, and peak memory does not double while a table grows
-(pages are resident only once written).
+(pages are resident only once written). They ask for transparent huge pages.
 """
 
 from __future__ import annotations
@@ -57,11 +57,13 @@ __all__ = [
     "HashIndex",
     "RowPool",
     "all_finite",
+    "fill_rows",
     "first_duplicate",
     "gather_rows",
     "home_slots",
     "mark_pushed_rows",
     "prefetch_rows",
+    "reset_meta",
     "scatter_rows",
     "touch_rows",
     "tune_allocator",
@@ -352,6 +354,32 @@ def prefetch_rows(arrays: tuple[np.ndarray, ...], rows: np.ndarray) -> None:
                    np.array([a.shape[1] for a in arrays], dtype=np.int64), rows)
 
 
+@njit(cache=True)
+def _fill_rows(a: np.ndarray, rows: np.ndarray, value: np.float32) -> None:
+    w = a.shape[1]
+    for i in range(rows.shape[0]):
+        r = a[rows[i]]
+        for j in range(w):
+            r[j] = value
+
+
+@njit(cache=True)
+def _reset_meta(freq: np.ndarray, last_step: np.ndarray, rows: np.ndarray) -> None:
+    for i in range(rows.shape[0]):
+        freq[rows[i]] = 0
+        last_step[rows[i]] = 0
+
+
+def fill_rows(a: np.ndarray, rows: np.ndarray, value: float) -> None:
+    """``a[rows] = value`` for a C-contiguous float32 2-D ``a`` (one compiled pass)."""
+    _fill_rows(a, np.ascontiguousarray(rows, dtype=np.int64), np.float32(value))
+
+
+def reset_meta(freq: np.ndarray, last_step: np.ndarray, rows: np.ndarray) -> None:
+    """``freq[rows] = 0`` and ``last_step[rows] = 0`` in one pass."""
+    _reset_meta(freq, last_step, np.ascontiguousarray(rows, dtype=np.int64))
+
+
 def touch_rows(freq: np.ndarray, last_step: np.ndarray, rows: np.ndarray, step: int) -> None:
     """``freq[rows] += 1`` (saturating for uint32 counts) and ``last_step[rows] = step``
     in one pass (rows unique)."""
@@ -430,6 +458,17 @@ def tune_allocator() -> bool:
     return _tuned
 
 
+def _advise_huge(m: mmap.mmap) -> None:
+    # Transparent huge pages where the system leaves it to madvise (numpy does the same
+    # for its large arrays): random row access then misses the TLB far less often.
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and len(m) >= 4 << 20:
+        try:
+            m.madvise(advice)
+        except OSError:
+            pass
+
+
 class Arena:
     """A growable C-contiguous ``[rows, width]`` (or ``[rows]``) array on an anonymous
     private mapping.
@@ -454,7 +493,9 @@ class Arena:
 
     def _new_map(self, rows: int) -> mmap.mmap:
         size = max(mmap.PAGESIZE, rows * self._row_bytes)
-        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        _advise_huge(m)
+        return m
 
     def _view(self) -> np.ndarray:
         flat = np.frombuffer(self._map, dtype=self.dtype,
@@ -470,6 +511,7 @@ class Arena:
         self.array = None  # type: ignore[assignment]
         try:
             self._map.resize(size)
+            _advise_huge(self._map)
         except BufferError:  # someone holds a view: copy to a new mapping instead
             old = np.frombuffer(self._map, dtype=self.dtype, count=self.rows * self.width)
             new_map = self._new_map(rows)

@@ -28,10 +28,13 @@ from .kernels import (
     HashIndex,
     RowPool,
     all_finite,
+    fill_rows,
     first_duplicate,
     gather_rows,
     mark_pushed_rows,
     prefetch_rows,
+    reset_meta,
+    scatter_rows,
     touch_rows,
     tune_allocator,
     unmark_pushed_rows,
@@ -167,12 +170,11 @@ class SparseTable:
         rows, inserted = self.index.lookup_or_insert(keys, self.pool)
         if inserted.any():
             new_rows = rows[inserted]
-            self.values[new_rows] = xinit.generate(self.initializer, self.seed, keys[inserted],
-                                                   self.dim)
+            scatter_rows(self.values, new_rows, xinit.generate(
+                self.initializer, self.seed, keys[inserted], self.dim))
             for s, arr in self.slots.items():
-                arr[new_rows] = self.optimizer.slot_initial(s)
-            self.freq[new_rows] = 0
-            self.last_step[new_rows] = 0
+                fill_rows(arr, new_rows, self.optimizer.slot_initial(s))
+            reset_meta(self.freq, self.last_step, new_rows)
         return rows
 
     # -- requests ---------------------------------------------------------------------
