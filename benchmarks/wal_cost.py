@@ -55,34 +55,48 @@ def one_at_a_time(client: xdl.Client, seconds: float) -> float:
 
 
 def main() -> None:
-    """Print the table of figures."""
+    """Print the table of figures (medians over interleaved rounds)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=os.path.expanduser("~/.cache/xdl/wal-bench"))
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds; each measures every policy in turn (noise hits all alike)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    results: dict[str, list[float]] = {}
-    for label, policy in POLICIES:
-        wal_dir = tempfile.mkdtemp(dir=args.dir)
-        extra = [] if policy is None else ["--wal-dir", wal_dir, "--wal-fsync", policy]
-        local = LocalShards(1, extra_args=extra)
-        try:
-            client = xdl.Client(local.endpoints, local=local, timeout=60.0)
+    dirs, shards, clients = [], [], {}
+    try:
+        for label, policy in POLICIES:
+            wal_dir = tempfile.mkdtemp(dir=args.dir)
+            dirs.append(wal_dir)
+            extra = [] if policy is None else ["--wal-dir", wal_dir, "--wal-fsync", policy]
+            local = LocalShards(1, extra_args=extra)
+            shards.append(local)
+            client = xdl.Client(local.endpoints, timeout=60.0)
             client.create_table("t", dim=16, optimizer=xdl.optim.Adagrad(lr=0.01))
-            results[label] = [streamed(client, 64, args.seconds),
-                              streamed(client, 4096, args.seconds),
-                              one_at_a_time(client, args.seconds)]
+            clients[label] = client
+        runs: dict[str, list[list[float]]] = {label: [] for label in clients}
+        for _ in range(args.rounds):
+            for label, client in clients.items():
+                runs[label].append([streamed(client, 64, args.seconds),
+                                    streamed(client, 4096, args.seconds),
+                                    one_at_a_time(client, args.seconds)])
+    finally:
+        for client in clients.values():
             client.close()
-        finally:
+        for local in shards:
             local.stop()
-            shutil.rmtree(wal_dir, ignore_errors=True)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    results = {label: [float(np.median([r[j] for r in rows])) for j in range(3)]
+               for label, rows in runs.items()}
     base = results["no log"]
     print(f"{'policy':<13} {'64 ids streamed':>22} {'4096 ids streamed':>24} "
           f"{'64 ids push+wait':>22}")
     for label, row in results.items():
         cells = [f"{v:9.0f}/s ({v / b:4.2f}x)" for v, b in zip(row, base, strict=True)]
         print(f"{label:<13} {cells[0]:>22} {cells[1]:>24} {cells[2]:>22}")
-    print("(pushes per second; ratio against 'no log' measured in the same run)")
+    print(f"(pushes per second, median of {args.rounds} interleaved rounds of "
+          f"{args.seconds:g} s; ratio against 'no log' measured in the same run)")
 
 
 if __name__ == "__main__":
