@@ -103,6 +103,11 @@ class Transport:
         self.ctx = zmq.Context()
         self._seq = itertools.count(1)
         self.conns = [ShardConnection(ep, self._open(ep)) for ep in self.servers]
+        # one poller over every socket, kept (building one per wait costs more than the
+        # poll of a small request); a reconnect swaps the socket in it
+        self._poller = zmq.Poller()
+        for c in self.conns:
+            self._poller.register(c.socket, zmq.POLLIN)
         self._failed: list[XdlError] = []
         self.closed = False
         self._finalizer = weakref.finalize(self, Transport._finalize, self.ctx, self.conns)
@@ -117,8 +122,10 @@ class Transport:
         return sock
 
     def _reconnect(self, conn: ShardConnection) -> None:
+        self._poller.unregister(conn.socket)
         conn.socket.close(0)
         conn.socket = self._open(conn.endpoint)
+        self._poller.register(conn.socket, zmq.POLLIN)
         for seq in sorted(conn.pending):
             p = conn.pending[seq]
             p.attempts += 1
@@ -169,6 +176,12 @@ class Transport:
         for k, seq in seqs:
             self.conns[k].orphans.add(seq)
         return Ticket(seqs)
+
+    def _drain(self, conn: ShardConnection) -> None:
+        # receive every reply already queued, asking the socket's EVENTS (no poll, no
+        # wait) whether another one is there
+        while int(conn.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._receive(conn)
 
     def _receive(self, conn: ShardConnection) -> None:
         frames = conn.socket.recv_multipart(copy=False)
@@ -230,7 +243,6 @@ class Transport:
         """Wait for the replies of ``(shard, seq)`` requests, retrying silent shards."""
         wanted = list(wanted)
         out: dict[tuple[int, int], Reply] = {}
-        poller = zmq.Poller()
         while True:
             missing = []
             for k, seq in wanted:
@@ -248,22 +260,11 @@ class Transport:
             shards = sorted({k for k, _ in missing})
             oldest = min(self.conns[k].pending[s].sent_at for k, s in missing)
             wait_ms = int(max(0.0, (oldest + self.timeout - time.monotonic()) * 1e3)) + 1
-            if len(shards) == 1:  # one socket: poll it directly, no Poller
-                conn = self.conns[shards[0]]
-                if conn.socket.poll(wait_ms, zmq.POLLIN):
-                    self._receive(conn)
-                    while conn.socket.poll(0, zmq.POLLIN):
-                        self._receive(conn)
-            else:
-                for k in shards:
-                    poller.register(self.conns[k].socket, zmq.POLLIN)
-                events = dict(poller.poll(wait_ms))
-                for k in shards:
-                    conn = self.conns[k]
-                    if conn.socket in events:
-                        while conn.socket.poll(0, zmq.POLLIN):
-                            self._receive(conn)
-                    poller.unregister(conn.socket)
+            # every socket is polled: replies of other requests (push acks) are taken too
+            for sock, _ in self._poller.poll(wait_ms):
+                for conn in self.conns:
+                    if conn.socket is sock:
+                        self._drain(conn)
             self._retry_late(shards, missing)
 
     def _retry_late(self, shards: list[int], missing: list[tuple[int, int]]) -> None:
