@@ -347,6 +347,18 @@ class TrainStep:
                 var.assign(value)
         return outputs
 
+    def prefetch(self, *args: Any, exact: bool = True, **kwargs: Any) -> None:
+        """Start pulling, in the background, the rows of a coming call with these
+        arguments (the next call whose lookups have the same unique ids uses them; see
+        :meth:`xdl.lookup.RemoteTable.prefetch`). With ``xdl.prefetch_batches``::
+
+            for batch in xdl.prefetch_batches(loader, lambda b: model_fn.prefetch(*inputs(b))):
+                loss, prob = model_fn(*inputs(batch))
+        """
+        layout, ids, _, _ = self._split(args, kwargs)
+        for (_, _, spec), value in zip(layout, ids, strict=True):
+            self.xdl.remote(spec).prefetch(np.asarray(value), exact=exact)
+
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         """Run the function forward (lookups included), no gradients, no updates."""
         return self._run(False, args, kwargs)
