@@ -129,6 +129,8 @@ class SparseTable:
         # per-request scratch (rows, saved last_step), reused: fresh buffers of this
         # size would be page-faulted in on every request
         self._scratch = np.empty((2, 0), dtype=np.int64)
+        # compiled (or loaded from cache) now, not in the first large push
+        prefetch_rows((self.values,), self._scratch[0])
 
     # -- storage ----------------------------------------------------------------------
     @property
