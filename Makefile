@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint typecheck bench clean
+.PHONY: venv test demo lint importlint typecheck fuzz bench clean
 
 venv: $(STAMP)
 
@@ -15,8 +15,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt --no-deps tf-keras
 	touch $(STAMP)
 
-lint: venv
-	$(BIN)/ruff check bridge server backends adapters examples benchmarks tests
+lint: venv importlint
+	$(BIN)/ruff check bridge server backends adapters examples benchmarks tests tools
+
+# import-linter contracts of .importlinter (the core imports no server, backend or
+# adapter; the server only the core's wire, specs and kernels; no cycles)
+importlint: venv
+	$(BIN)/python tools/lint_imports.py
+
+# atheris over the shard's dispatcher for a fixed time (FUZZ_SECONDS)
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(BIN)/python tests/fuzz/fuzz_shard.py -max_total_time=$(FUZZ_SECONDS)
 
 typecheck: venv
 	$(BIN)/mypy
