@@ -134,6 +134,47 @@ def _lookup(t: np.ndarray, keys: np.ndarray, out: np.ndarray) -> int:
 
 
 @njit(cache=True)
+def _lookup_gather(t: np.ndarray, keys: np.ndarray, values: np.ndarray, rows: np.ndarray,
+                   out: np.ndarray) -> int:
+    """Rows of ``keys`` into ``rows`` and their values into ``out``, pipelined: the home
+    slot of key i + 2D and the value row of key i + D are requested while row i is
+    copied (D = :data:`PREFETCH_AHEAD`). Stops at the first absent key and returns its
+    position (rows and ``out`` are then incomplete), else -1."""
+    cap = np.uint64(t.shape[0])
+    n = keys.shape[0]
+    dim = values.shape[1]
+    flat = values.reshape(-1)
+    d = PREFETCH_AHEAD
+    for i in range(min(d, n)):  # fill the pipeline: rows of the first D keys
+        prefetch_row(t, _home(keys[i], cap))
+    for i in range(min(d, n)):
+        h, _ = _probe(t, keys[i], _home(keys[i], cap))
+        code = t[h, 2]
+        if code == 0:
+            return i
+        rows[i] = np.int64(code) - 2
+        prefetch_row(flat, rows[i] * dim)
+    for i in range(n):
+        j = i + d
+        if j + d < n:
+            prefetch_row(t, _home(keys[j + d], cap))
+        if j < n:
+            h, _ = _probe(t, keys[j], _home(keys[j], cap))
+            code = t[h, 2]
+            if code == 0:
+                return j
+            r = np.int64(code) - 2
+            rows[j] = r
+            for c in range(0, dim, 16):
+                prefetch_row(flat, r * dim + c)
+        src = values[rows[i]]
+        dst = out[i]
+        for c in range(dim):
+            dst[c] = src[c]
+    return -1
+
+
+@njit(cache=True)
 def _lookup_or_insert(t: np.ndarray, keys: np.ndarray, out_rows: np.ndarray,
                       inserted: np.ndarray, start: int, size: int, tombs: int, max_fill: int,
                       free: np.ndarray, n_free: int, next_row: int, row_cap: int
@@ -618,6 +659,13 @@ class HashIndex:
             out = np.empty(k.shape[0], dtype=np.int64)
         _lookup(self.slots, k, out)
         return out
+
+    def lookup_gather(self, keys: np.ndarray, values: np.ndarray, rows: np.ndarray,
+                      out: np.ndarray) -> int:
+        """Rows of int64 ``keys`` into ``rows`` and ``values[rows]`` into ``out`` in one
+        pipelined pass. Returns -1, or the position of the first absent key (then
+        ``rows`` and ``out`` are incomplete)."""
+        return int(_lookup_gather(self.slots, keys, values, rows, out))
 
     def find(self, keys: np.ndarray, out: np.ndarray) -> int:
         """Rows of int64 ``keys`` into ``out`` (-1 where absent); returns how many are

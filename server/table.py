@@ -185,9 +185,11 @@ class SparseTable:
         first with their initial value. Repeated keys are allowed."""
         k = _keys_array(keys, self.name)
         rows, _ = self._buffers(k.shape[0])
-        if self.index.find(k, rows):
+        out = np.empty((k.shape[0], self.dim), dtype=np.float32)
+        if self.index.lookup_gather(k, self.values, rows, out) >= 0:
             rows = self._resolve(k)  # may grow (replace) the arenas: read them after
-        return gather_rows(self.values, rows)
+            gather_rows(self.values, rows, out)
+        return out
 
     def push(self, keys: np.ndarray, grads: np.ndarray) -> None:
         """Apply the optimizer to the rows of ``keys`` with ``grads``.

@@ -314,3 +314,23 @@ def test_mark_pushed_rows_marks_and_undoes() -> None:
     absent, dup = mark_pushed_rows(idx, np.array([20, 10, 20, 30]), rows, freq, last, saved, 9)
     assert dup == 2  # and nothing changed
     assert freq.tolist() == [0, 4, 2**32 - 1] and last.tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 17, 33, 500])
+def test_lookup_gather_matches_lookup_then_take(n: int) -> None:
+    rng = np.random.default_rng(n)
+    idx = HashIndex(16)
+    arena = Arena(16)
+    keys = rng.integers(I64.min, I64.max, size=600, dtype=np.int64)
+    rows, _ = idx.lookup_or_insert(keys, arena.pool)
+    values = rng.standard_normal((arena.pool.capacity, 24)).astype(np.float32)
+    ask = rng.permutation(keys)[:n]
+    got_rows = np.empty(n, np.int64)
+    out = np.empty((n, 24), np.float32)
+    assert idx.lookup_gather(ask, values, got_rows, out) == -1
+    np.testing.assert_array_equal(got_rows, idx.lookup(ask))
+    np.testing.assert_array_equal(out, values[idx.lookup(ask)])
+    if n:  # an absent key: its position is reported
+        miss = ask.copy()
+        miss[n // 2] = 12345 if 12345 not in keys else 54321
+        assert idx.lookup_gather(miss, values, got_rows, out) == n // 2
