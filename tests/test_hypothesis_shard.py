@@ -22,7 +22,9 @@ from xdl.errors import ProtocolError
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fuzz"))
 from shard_oracle import check_request, fresh_shard, still_serving  # noqa: E402
 
-SETTINGS = settings(max_examples=250, deadline=None, derandomize=True,
+#: examples per property; XDL_HYPOTHESIS_EXAMPLES raises it for a longer search
+SETTINGS = settings(max_examples=int(os.environ.get("XDL_HYPOTHESIS_EXAMPLES", "250")),
+                    deadline=None, derandomize="XDL_HYPOTHESIS_EXAMPLES" not in os.environ,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 #: header keys the handlers read, plus some they do not
