@@ -180,12 +180,22 @@ class SparseTable:
         return rows
 
     # -- requests ---------------------------------------------------------------------
-    def pull(self, keys: np.ndarray) -> np.ndarray:
-        """Rows of ``keys`` (float32 ``[n, dim]``, a new array); absent keys are inserted
-        first with their initial value. Repeated keys are allowed."""
+    def pull(self, keys: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of ``keys`` (float32 ``[n, dim]``); absent keys are inserted first with
+        their initial value. Repeated keys are allowed.
+
+        :param out: where to write the rows (C-contiguous float32 ``[n, dim]``, e.g. a
+            slice of a reply that holds several tables' rows); a new array if ``None``.
+        """
         k = _keys_array(keys, self.name)
         rows, _ = self._buffers(k.shape[0])
-        out = np.empty((k.shape[0], self.dim), dtype=np.float32)
+        if out is None:
+            out = np.empty((k.shape[0], self.dim), dtype=np.float32)
+        elif (out.dtype != np.float32 or out.shape != (k.shape[0], self.dim)
+              or not out.flags.c_contiguous):
+            raise InvalidArgumentError(
+                f"out: expected C-contiguous float32 of shape {[k.shape[0], self.dim]}, got "
+                f"{out.dtype} of shape {list(out.shape)}", table=self.name)
         if self.index.lookup_gather(k, self.values, rows, out) >= 0:
             rows = self._resolve(k)  # may grow (replace) the arenas: read them after
             gather_rows(self.values, rows, out)

@@ -304,3 +304,15 @@ def test_large_push_in_prefetched_blocks_matches_one_pass() -> None:
     for name in slots:
         np.testing.assert_array_equal(s[f"slot:{name}"], slots[name])
     assert (s["freq"] == 1).all() and (s["last_step"] == 1).all()
+
+
+def test_pull_into_a_given_buffer() -> None:
+    t = make()
+    keys = np.array([4, 9, 4], dtype=np.int64)
+    reply = np.full(3 * DIM + 2, -1.0, np.float32)  # rows of several tables, back to back
+    got = t.pull(keys, out=reply[1:1 + 3 * DIM].reshape(3, DIM))
+    np.testing.assert_array_equal(got, t.pull(keys))
+    np.testing.assert_array_equal(reply[1:1 + 3 * DIM].reshape(3, DIM), t.pull(keys))
+    assert reply[0] == reply[-1] == -1.0
+    with pytest.raises(InvalidArgumentError, match="out"):
+        t.pull(keys, out=np.empty((3, DIM), np.float64))
