@@ -106,8 +106,14 @@ def many_parts(state: ShardState, req: Request) -> list[tuple[SparseTable, np.nd
 
 def pull_many(state: ShardState, req: Request) -> Reply:
     """Rows of several tables' ids, back to back in one flat float32 array."""
-    rows = [table.pull(ids).reshape(-1) for table, ids in many_parts(state, req)]
-    return {}, {"rows": np.concatenate(rows)}
+    parts = many_parts(state, req)
+    rows = np.empty(sum(ids.size * table.dim for table, ids in parts), dtype=np.float32)
+    off = 0
+    for table, ids in parts:  # each table writes its rows into its slice of the reply
+        n = ids.size * table.dim
+        table.pull(ids, out=rows[off:off + n].reshape(ids.size, table.dim))
+        off += n
+    return {}, {"rows": rows}
 
 
 def push_many(state: ShardState, req: Request) -> Reply:
