@@ -26,8 +26,9 @@ def int_field(header: dict[str, Any], key: str, lo: int, hi: int, default: Any =
     value = header.get(key, default)
     if value is _REQUIRED or isinstance(value, bool) or not isinstance(value, int) \
             or not lo <= value <= hi:
+        got = "nothing" if value is _REQUIRED else _show(value)
         raise InvalidArgumentError(
-            f"field {key!r}: expected an int in [{lo}, {hi}], got {_show(value)}", table=table)
+            f"field {key!r}: expected an int in [{lo}, {hi}], got {got}", table=table)
     return value
 
 

@@ -58,11 +58,68 @@ def array_parts(draw: Any) -> tuple[list[Any], bytes]:
             draw(st.one_of(st.lists(ints, max_size=10), values))], draw(st.binary(max_size=64))
 
 
+NAMES = st.sampled_from(["emb", "fc", "sync", "t2", "d2"])
+FIELDS = {
+    "table": st.one_of(NAMES, values), "name": st.one_of(NAMES, values),
+    "dim": st.one_of(st.integers(-1, 6), values), "seed": ints,
+    "shape": st.one_of(st.lists(st.integers(0, 4), max_size=3), values),
+    "min_version": st.one_of(st.integers(-1, 3), values),
+    "sync_workers": st.one_of(st.integers(0, 3), values),
+    "step": st.one_of(st.integers(-1, 3), values),
+    "phase": st.one_of(st.sampled_from(["stage", "commit", "abort"]), values),
+    "dir": st.sampled_from(["/tmp", "x", "../y", "ckpt-000001.tmp"]),
+    "optimizer": st.one_of(st.sampled_from([
+        {"kind": "sgd", "lr": 0.1}, {"kind": "adam", "lr": 0.01}, {"kind": "ftrl", "lr": 0.1},
+        {"kind": "rmsprop", "lr": 0.1, "centered": True}, {"kind": "momentum", "lr": 0.1}]),
+        values),
+    "initializer": st.one_of(st.sampled_from([{"kind": "zeros"}, {"kind": "normal",
+                                                                   "stddev": 0.1}]), values),
+}
+floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@st.composite
+def plausible(draw: Any) -> list[bytes]:
+    """A request that passes decoding and reaches a handler, with odd values in it."""
+    command = draw(st.sampled_from(sorted(P.COMMANDS - {P.SHUTDOWN})))
+    header = {"cid": draw(st.sampled_from(["h", "w2"])), "inc": 1,
+              "seq": draw(st.integers(1, 60)),
+              "table": draw(st.sampled_from(["emb", "emb", "emb", "fc", "t2"])),
+              "name": draw(st.sampled_from(["fc", "fc", "sync", "emb", "d2"]))}
+    for key in draw(st.sets(st.sampled_from(sorted(FIELDS)), max_size=5)):
+        header[key] = draw(FIELDS[key])
+    n = draw(st.integers(0, 5))
+    dim = draw(st.sampled_from([4, 4, 2]))
+    arrays: dict[str, np.ndarray] = {}
+    roles = draw(st.sets(st.sampled_from(["ids", "grads", "rows", "grad", "initial"])))
+    if draw(st.integers(0, 9)) < 7:
+        roles.add("ids")
+    for role in sorted(roles):
+        if role == "ids":
+            ids = np.array(draw(st.lists(st.integers(-3, 25), min_size=n, max_size=n)),
+                           dtype=np.int64)
+            arrays[role] = ids.astype(draw(st.sampled_from(["<i8", "<i8", "<i4", "<u8"])))
+        else:
+            shape = {"grads": (n, dim), "rows": (n, dim)}.get(role) or draw(
+                st.sampled_from([(3, 2), (2,), (2, 2), (1,)]))
+            flat = draw(st.lists(floats32, min_size=math.prod(shape), max_size=math.prod(shape)))
+            arrays[role] = np.array(flat, dtype=draw(st.sampled_from(["<f4", "<f4", "<f8"]))
+                                    ).reshape(shape)
+    frames = [bytes(memoryview(f)) for f in codec.encode(command, header, arrays)]
+    if frames[3:] and draw(st.integers(0, 9)) == 0:  # a frame cut short
+        i = draw(st.integers(3, len(frames) - 1))
+        frames[i] = frames[i][: len(frames[i]) // 2]
+    return frames
+
+
 @st.composite
 def messages(draw: Any) -> list[bytes]:
     """A message as a client (or an attacker) could send it."""
-    if draw(st.integers(0, 9)) == 0:  # raw frames
+    kind = draw(st.integers(0, 9))
+    if kind == 0:  # raw frames
         return draw(st.lists(st.binary(max_size=40), max_size=6))
+    if kind >= 4:
+        return draw(plausible())
     command = draw(st.one_of(st.sampled_from(sorted(P.COMMANDS)), st.binary(max_size=12)))
     header: dict[str, Any] = {}
     if draw(st.integers(0, 4)):  # mostly a valid identity, to reach the handlers
