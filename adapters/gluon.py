@@ -26,7 +26,8 @@ How it meets Gluon (see docs/mxnet.md):
   block hands them to the table's gradient buffer before the next forward of the net
   (a forward pre-hook), or on ``wait_pushes`` / ``close`` / ``unswap``, multiplied by
   the ``rescale_grad`` of the Trainer that holds the net's parameters (found through
-  the anchor or the replaced weight), 1 when there is none. Set
+  the anchor, the replaced weight or the net's other parameters), 1 when there is
+  none. Set
   ``block.grad_scale`` to a number to fix the factor instead.
 """
 
@@ -110,14 +111,14 @@ class HeldGradients:
             return len(self._parts)
 
 
-def _trainer_scale(params: Iterable[Any]) -> float:
-    """``rescale_grad`` of the first Trainer holding one of ``params`` (1 if none)."""
+def _trainer_scale(params: Iterable[Any]) -> float | None:
+    """``rescale_grad`` of the first Trainer holding one of ``params`` (None if none)."""
     for param in params:
         trainer = getattr(param, "_trainer", None)
         optimizer = getattr(trainer, "_optimizer", None)
         if optimizer is not None:
             return float(optimizer.rescale_grad)
-    return 1.0
+    return None
 
 
 def block_class() -> Any:
@@ -154,6 +155,8 @@ def block_class() -> Any:
                 # the replaced weight (a tuple: Gluon registers a Parameter attribute): a
                 # Trainer made before the swap is found through it
                 self._replaced = (replaced,) if replaced is not None else ()
+                self._net: Any = None  # weakref to the swapped net (a Trainer over its
+                # dense parameters only is found through them)
                 self.anchor = self.params.get("anchor", shape=(1,), dtype="float32",
                                               init=mx.init.Zero(), allow_deferred_init=False)
                 self.anchor.initialize(ctx=mx.cpu())
@@ -174,7 +177,12 @@ def block_class() -> Any:
                 """The factor pushed row gradients are multiplied by."""
                 if self.grad_scale is not None:
                     return float(self.grad_scale)
-                return _trainer_scale([self.anchor, *self._replaced])
+                own = _trainer_scale([self.anchor, *self._replaced])
+                if own is not None:
+                    return own
+                net = self._net() if self._net is not None else None
+                found = None if net is None else _trainer_scale(net.collect_params().values())
+                return 1.0 if found is None else found
 
             def before_step(self) -> None:
                 """Wait for the previous backward (MXNet runs it asynchronously), then
@@ -384,6 +392,8 @@ def _install_hook(model: Any, distributed: list[Any]) -> None:
     if not distributed or isinstance(model, block_class()):
         return
     blocks = weakref.WeakSet(distributed)
+    for layer in distributed:
+        object.__setattr__(layer, "_net", weakref.ref(model))
 
     def before_forward(block: Any, args: Any) -> None:
         for layer in list(blocks):

@@ -231,3 +231,15 @@ def test_recorded_forward_without_backward_changes_nothing(mx: Any) -> None:
     net = xdl.unswap(net)
     np.testing.assert_allclose(net.emb.weight.data().asnumpy(),
                                local.emb.weight.data().asnumpy(), rtol=0, atol=1e-6)
+
+
+def test_trainer_over_dense_parameters_only_gives_the_scale(mx: Any) -> None:
+    from mxnet import gluon
+
+    local = make_net(mx, prefix="dl_")
+    train(mx, local, gluon.Trainer(local.collect_params(), "sgd", {"learning_rate": LR}))
+    net = xdl.swap(make_net(mx, prefix="dr_"), FakeClient(), optimizer=xdl.optim.SGD(lr=LR))
+    train(mx, net, gluon.Trainer(net.out.collect_params(), "sgd", {"learning_rate": LR}))
+    net = xdl.unswap(net)
+    np.testing.assert_allclose(net.emb.weight.data().asnumpy(),
+                               local.emb.weight.data().asnumpy(), rtol=0, atol=1e-6)
