@@ -37,7 +37,8 @@ def parser(prog: str = "xdl server") -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-root", default=os.environ.get("XDL_CHECKPOINT_ROOT"),
                    help="the only folder under which SAVE and LOAD may write and read "
                         "(XDL_CHECKPOINT_ROOT)")
-    p.add_argument("--load", metavar="CKPT", help="restore this checkpoint before serving")
+    p.add_argument("--load", metavar="CKPT", help="restore this checkpoint before serving "
+                   "(under --checkpoint-root when one is given)")
     p.add_argument("--wal-dir", default=os.environ.get("XDL_WAL_DIR"),
                    help="keep a write-ahead log here: every acknowledged change survives a "
                         "crash, and a restart recovers from it (XDL_WAL_DIR)")

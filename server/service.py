@@ -20,6 +20,7 @@ from xdl.security import ServerSecurity, warn_if_exposed
 from xdl.sharding import first_outside
 
 from . import checkpoint
+from .admin import under_root
 from .shard import Shard
 from .table import SparseTable
 from .wal import Durability
@@ -100,7 +101,9 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
                  wal_dir)
     elif load:
         try:
-            path = checkpoint.resolve(load)
+            # With a root, --load too reads only under it (without one, the operator's
+            # own flag is the only way a checkpoint is read).
+            path = checkpoint.resolve(under_root(state, load) if checkpoint_root else load)
             checkpoint.swap_in(state, checkpoint.stage(state, path))
             durability.loaded(path)
         except Exception as exc:

@@ -149,3 +149,12 @@ def test_malformed_traffic_over_the_wire(zmq_ctx: zmq.Context) -> None:
         assert proc.wait(10) == 0
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_load_at_start_stays_under_the_checkpoint_root(tmp_path: os.PathLike[str]) -> None:
+    root = os.path.join(str(tmp_path), "root")
+    os.makedirs(root)
+    out = subprocess.run([*XDL, "server", "--bind", "tcp://127.0.0.1:0", "--checkpoint-root",
+                          root, "--load", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "outside" in out.stderr and "XDL-READY" not in out.stdout
