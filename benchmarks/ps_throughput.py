@@ -172,6 +172,10 @@ class Echo:
             s.connect(p.stdout.readline().strip())
             self.socks.append(s)
 
+    def pids(self) -> list[int]:
+        """The echo processes' ids."""
+        return [p.pid for p in self.procs]
+
     def call(self, parts: list[tuple[np.ndarray, list[np.ndarray]]]) -> None:
         """Send each shard its (reply size, frames) and wait for every reply."""
         for s, (size, frames) in zip(self.socks, parts, strict=True):
@@ -203,6 +207,7 @@ class PsLite:
 
     def __init__(self, binary: str, shards: int, workdir: str):
         self.workdir = workdir
+        self.pids: list[int] = []
         self.proc = subprocess.Popen(["bash", str(PSLITE_RUN), binary, str(shards),
                                       str(_free_port())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -211,6 +216,7 @@ class PsLite:
         if line != "READY":
             self.close()
             raise RuntimeError(f"ps-lite peer did not start: {line!r}")
+        self.pids = descendants(self.proc.pid)
 
     def _read(self) -> str:
         assert self.proc.stdout is not None
@@ -235,10 +241,20 @@ class PsLite:
         np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64).tofile(path)
         return path
 
-    def bench(self, op: str, n: int, dim: int, min_s: float) -> float:
-        """Rows/s of ``op`` (pull or push) with pre-sorted keys of batch size ``n``."""
+    def bench(self, op: str, n: int, dim: int, min_s: float) -> tuple[float, int]:
+        """(rows/s, requests made including the warm-up) of ``op`` (pull or push) with
+        pre-sorted keys of batch size ``n``."""
         iters, secs = self.command(f"bench {op} {n} {dim} {min_s} 3 0")
-        return n * int(iters) / float(secs)
+        return n * int(iters) / float(secs), int(iters) + 1
+
+    def measure(self, res: Results, key: tuple[int, int, int, str], n: int, dim: int,
+                min_s: float) -> None:
+        """Rows/s and CPU ms per request of one bench into ``res``."""
+        self.pids = descendants(self.proc.pid)
+        c0 = _cpu_seconds(self.pids)
+        rows_s, calls = self.bench(key[3], n, dim, min_s)
+        res.add((*key, "pslite_cpu_ms"), (_cpu_seconds(self.pids) - c0) / calls * 1e3)
+        res.add((*key, "pslite"), rows_s)
 
     def close(self) -> None:
         """Quit the worker (the scheduler and servers follow); kill what is left."""
@@ -255,6 +271,12 @@ class PsLite:
 # -- measurement ------------------------------------------------------------------------
 def rate(fn: Callable[[int], object], rows: int, min_time: float, min_iters: int = 3) -> float:
     """Rows/s of ``fn(i)`` for i = 0, 1, ... over at least ``min_time`` seconds."""
+    return rate_calls(fn, rows, min_time, min_iters)[0]
+
+
+def rate_calls(fn: Callable[[int], object], rows: int, min_time: float, min_iters: int = 3
+               ) -> tuple[float, int]:
+    """(rows/s, calls made including the untimed warm-up call) of ``fn(i)``."""
     fn(0)  # warm
     n, t0 = 0, time.perf_counter()
     while True:
@@ -262,7 +284,42 @@ def rate(fn: Callable[[int], object], rows: int, min_time: float, min_iters: int
         n += 1
         el = time.perf_counter() - t0
         if el >= min_time and n >= min_iters:
-            return rows * n / el
+            return rows * n / el, n + 1
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by the processes ``pids`` (all threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(stat.parent.name))
+    return kids
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    kids, out, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
 
 
 def seconds(fn: Callable[[int], object], min_time: float, min_iters: int = 3) -> float:
@@ -326,19 +383,28 @@ def measure_row(client: xdl.Client, peer: PsLite | None, echo: Echo, bare: BareS
     share = [b[o == 0] for b, o in zip(bs, owner, strict=True)]
     gshare = [g[o == 0] for o in owner]
     key = (shards, n, d)
-    x = rate(lambda i: client.pull(table, bs[i % BATCHES]), n, min_time)
+    # CPU per request of every process involved (client + shards; ps-lite's scheduler,
+    # servers and worker): a figure the other helpers' load moves much less than rows/s
+    xpids = [p for p in descendants(os.getpid()) if p not in echo.pids()
+             and (peer is None or p not in peer.pids)]
+    c0 = _cpu_seconds(xpids)
+    x, calls = rate_calls(lambda i: client.pull(table, bs[i % BATCHES]), n, min_time)
+    res.add((*key, "pull", "xdl_cpu_ms"), (_cpu_seconds(xpids) - c0) / calls * 1e3)
     comp = seconds(lambda i: bare.pull(share[i % BATCHES], d), min_time / 2)
     rt = seconds(lambda i: echo.call(parts_pull[i % BATCHES]), min_time / 2)
     res.record((*key, "pull"), x, comp, rt)
     if peer:
-        res.add((*key, "pull", "pslite"), peer.bench("pull", n, d, min_time))
-    x = rate(lambda i: client.wait(client.push(table, bs[i % BATCHES], g)), n, min_time)
+        peer.measure(res, (*key, "pull"), n, d, min_time)
+    c0 = _cpu_seconds(xpids)
+    x, calls = rate_calls(lambda i: client.wait(client.push(table, bs[i % BATCHES], g)), n,
+                          min_time)
+    res.add((*key, "push", "xdl_cpu_ms"), (_cpu_seconds(xpids) - c0) / calls * 1e3)
     comp = seconds(lambda i: bare.push(share[i % BATCHES], gshare[i % BATCHES], d),
                    min_time / 2)
     rt = seconds(lambda i: echo.call(parts_push[i % BATCHES]), min_time / 2)
     res.record((*key, "push"), x, comp, rt)
     if peer:
-        res.add((*key, "push", "pslite"), peer.bench("push", n, d, min_time))
+        peer.measure(res, (*key, "push"), n, d, min_time)
 
 
 def run_shards(shards: int, wl: Workload, pslite: str | None, rounds: int, min_time: float,
@@ -383,7 +449,8 @@ def report(res: Results, with_peer: bool) -> None:
     head = (f"{'shards':>6} {'keys':>6} {'dim':>3} {'op':>4} | {'xdl Mrows/s':>11} | "
             f"{'ceiling':>7} {'(comp+rt ms)':>13} {'ratio':>5} | ")
     if with_peer:
-        head += f"{'ps-lite':>7} {'ratio':>5} {'target':>6}"
+        head += (f"{'ps-lite':>7} {'ratio':>5} {'target':>6} | "
+                 f"{'CPU ms/req xdl':>14} {'ps-lite':>7} {'ratio':>5}")
     print(head)
     print("-" * len(head))
     misses = 0
@@ -408,10 +475,18 @@ def report(res: Results, with_peer: bool) -> None:
                         ok_p = x >= TARGET_PSLITE[n] * p
                         misses += not ok_p
                         line += (f"{p / 1e6:>7.2f} {x / p:>5.2f} {TARGET_PSLITE[n]:>5.1f}"
-                                 f"{'' if ok_p else '*'}")
+                                 f"{'' if ok_p else '*':1} | ")
+                        xc = res.median((*key, "xdl_cpu_ms"))
+                        pc = res.median((*key, "pslite_cpu_ms"))
+                        if xc and pc:
+                            line += f"{xc:>14.2f} {pc:>7.2f} {pc / xc:>5.2f}"
                     print(line)
     print(f"* = below target (ceiling ratio >= {TARGET_CEILING}"
           f"{', ps-lite ratio >= target' if with_peer else ''}); {misses} miss(es)")
+    if with_peer:
+        print("CPU ms/req: user+system CPU of every process of each system (xdl: client and "
+              "shards; ps-lite: scheduler, servers, worker) per request; ratio = ps-lite / "
+              "xdl (> 1: xdl does the request with less CPU)")
 
 
 def _shard_peak_rss() -> int | None:
