@@ -295,7 +295,8 @@ class TrainStep:
     arguments named in ``tables``); a call looks them up (rows of the unique ids pulled
     or prefetched), runs the function under a ``tf.GradientTape``, takes the gradients
     of the loss for the rows and for the dense variables the function read, hands the
-    rows' gradients to the push (one per table per step) and applies the dense ones:
+    rows' gradients to the push (one per table per step, all tables' pushes sent together
+    when the step returns) and applies the dense ones:
     with the Keras ``optimizer``, or on the shards (``server_optimizer``, async or sync
     across workers). Returns what the function returned.
 
@@ -340,6 +341,7 @@ class TrainStep:
             self.predict(*args, **kwargs)  # creates the dense variables, nothing trained
             self._share_dense()
         outputs, dense_grads = self._run(True, args, kwargs)
+        self._flush()  # the step's gradients are complete: one push per table, now
         if self._dense_sync is not None:
             values = self._dense_sync.step([None if g is None else np.asarray(g)
                                             for g in dense_grads])
@@ -358,6 +360,14 @@ class TrainStep:
         layout, ids, _, _ = self._split(args, kwargs)
         for (_, _, spec), value in zip(layout, ids, strict=True):
             self.xdl.remote(spec).prefetch(np.asarray(value), exact=exact)
+
+    def _flush(self) -> None:
+        seen: set[tuple[int, int]] = set()
+        for remote in list(self.xdl.remotes.values()):
+            key = (id(remote.buffer), id(remote.client))
+            if key not in seen:
+                seen.add(key)
+                remote.buffer.flush(remote.client)  # every table of the client at once
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         """Run the function forward (lookups included), no gradients, no updates."""

@@ -1,0 +1,164 @@
+"""Training throughput of the TensorFlow DIN on MovieLens-100k: through the parameter
+server versus locally, measured in the same run, at batch 256 and 1024.
+
+Two pairs, each the same model and the same batches (``examples/din_tf.py``):
+
+* ``wrapper``: the ``@xdl.tf_wrapper`` step (one ``tf.function``, lookups through host
+  callbacks, the next batch's rows prefetched exactly while a step runs) versus the same
+  model function with local ``tf.Variable`` tables and the same Adagrad, in one
+  ``tf.function`` step;
+* ``keras`` (``--keras``): the Keras DIN swapped onto the shards and trained with
+  ``fit`` versus the unswapped model's ``fit``.
+
+To be fair on a shared machine the server and local runs alternate in rounds of
+``--batches`` steps and the median round of each is reported, with the ratio
+server / local (target: at least 0.9). The shards run on the same machine, so both runs
+get ``--threads`` TensorFlow threads (default: half the cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import din_tf as din  # noqa: E402
+
+import xdl  # noqa: E402
+
+TARGET_RATIO = 0.9
+WARMUP = 5
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of ``fn()``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def wrapper_rounds(client: Any, data: Any, batches: list[din.Batch], per_round: int,
+                   rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds per round of the server and the local wrapper runner."""
+    server = din.server_runner(client, data, name="server")
+    local = din.local_runner(data)
+
+    def run(runner: din.Runner, chunk: list[din.Batch]) -> None:
+        it: Any = iter(chunk)
+        if runner.prefetch is not None:
+            it = din.prefetch_batches(chunk, runner.prefetch)
+        for b in it:
+            runner.train(b)
+        if runner.prefetch is not None:
+            runner.close()  # count the time until every push is applied
+
+    run(server, batches[:WARMUP])
+    run(local, batches[:WARMUP])
+    server_s, local_s = [], []
+    for r in range(rounds):
+        chunk = batches[WARMUP + r * per_round:WARMUP + (r + 1) * per_round]
+        server_s.append(timed(lambda c=chunk: run(server, c)))
+        local_s.append(timed(lambda c=chunk: run(local, c)))
+    return server_s, local_s
+
+
+def keras_rounds(client: Any, data: Any, rows: np.ndarray, batch_size: int, per_round: int,
+                 rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds per round of ``fit`` on the swapped and on the local Keras DIN."""
+    keras = din.keras
+    local = din.build_keras(data)
+    server = xdl.swap(din.build_keras(data), client,
+                      optimizer=din.server_optimizer(din.adagrad()),
+                      prefix=f"bench{batch_size}.")
+    loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    for model in (local, server):
+        model.compile(optimizer=din.adagrad(), loss=loss)
+    inputs, label = din.keras_inputs(data.train), data.train["label"]
+
+    def fit(model: Any, lo: int, steps: int) -> None:
+        idx = rows[lo * batch_size:(lo + steps) * batch_size]
+        model.fit({k: v[idx] for k, v in inputs.items()}, label[idx], batch_size=batch_size,
+                  epochs=1, shuffle=False, verbose=0)
+
+    fit(server, 0, WARMUP)
+    fit(local, 0, WARMUP)
+    server_s, local_s = [], []
+    for r in range(rounds):
+        lo = WARMUP + r * per_round
+        server_s.append(timed(lambda lo=lo: fit(server, lo, per_round)))
+        local_s.append(timed(lambda lo=lo: fit(local, lo, per_round)))
+    xdl.unswap(server)
+    return server_s, local_s
+
+
+def report(name: str, batch_size: int, per_round: int, server_s: list[float],
+           local_s: list[float]) -> float:
+    """Print one pair's rates and return the ratio server / local."""
+    samples = per_round * batch_size
+    s_rate = samples / statistics.median(server_s)
+    l_rate = samples / statistics.median(local_s)
+    ratio = s_rate / l_rate
+    print(f"  {name:<8} batch {batch_size:>5}: server {s_rate:9,.0f} samples/s  local "
+          f"{l_rate:9,.0f} samples/s  ratio {ratio:.2f} "
+          f"({'met' if ratio >= TARGET_RATIO else 'NOT met'}, target >= {TARGET_RATIO})")
+    print(f"      rounds server: {', '.join(f'{samples / s:,.0f}' for s in server_s)}")
+    print(f"      rounds local:  {', '.join(f'{samples / s:,.0f}' for s in local_s)}")
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and print samples/s of server and local runs and their ratio."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--batch-sizes", default="256,1024")
+    ap.add_argument("--batches", type=int, default=30, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="TensorFlow intra- and inter-op threads of both runs")
+    ap.add_argument("--keras", action="store_true", help="also the Keras fit pair")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--strict", action="store_true",
+                    help=f"exit 1 when a ratio is below {TARGET_RATIO}")
+    args = ap.parse_args(argv)
+    tf = din.tf
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+
+    data = din.load_data(args.cache_dir)
+    n_train = len(data.train["label"])
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    print(f"TensorFlow DIN, MovieLens-100k, {args.rounds} rounds x {args.batches} steps, "
+          f"{args.shards} local shards, {args.threads} TF threads, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    ratios = []
+    with xdl.connect(local_shards=args.shards) as client:
+        for batch_size in sizes:
+            steps = WARMUP + args.rounds * args.batches
+            rng = np.random.default_rng(din.SEED)
+            rows = np.concatenate([rng.permutation(n_train)
+                                   for _ in range(-(-steps * batch_size // n_train))])
+            batches = [din.make_batch(data, data.train,
+                                      rows[i * batch_size:(i + 1) * batch_size])
+                       for i in range(steps)]
+            server_s, local_s = wrapper_rounds(client, data, batches, args.batches,
+                                               args.rounds)
+            ratios.append(report("wrapper", batch_size, args.batches, server_s, local_s))
+            if args.keras:
+                server_s, local_s = keras_rounds(client, data, rows, batch_size, args.batches,
+                                                 args.rounds)
+                ratios.append(report("keras", batch_size, args.batches, server_s, local_s))
+    return 1 if args.strict and min(ratios) < TARGET_RATIO else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
