@@ -396,8 +396,12 @@ def _install_hook(model: Any, distributed: list[Any]) -> None:
         object.__setattr__(layer, "_net", weakref.ref(model))
 
     def before_forward(block: Any, args: Any) -> None:
-        for layer in list(blocks):
+        layers = list(blocks)
+        for layer in layers:
             layer.before_step()
+        # one push for all tables of a client (push_many), not one per table's pull
+        for remote in {id(layer.remote.client): layer.remote for layer in layers}.values():
+            remote.buffer.flush(remote.client)
 
     _hooks[model] = model.register_forward_pre_hook(before_forward)
 
