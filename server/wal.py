@@ -632,10 +632,16 @@ class ShardJournal:
         self.replaying = False
         self._pending_saves: list[tuple[int, str]] = []  # (lsn, save dir) not yet committed
 
-    def record_request(self, frames: Sequence[Buffer]) -> None:
-        """Log a state-changing request's frames (not while replaying)."""
+    def record_request(self, frames: Sequence[Buffer], ok: bool | None = None) -> None:
+        """Log a state-changing request's frames (not while replaying).
+
+        :param ok: its outcome (applied or refused), checked again when it is replayed.
+        """
         if not self.replaying:
-            self.wal.append(REQ, frames)
+            if ok is None:
+                self.wal.append(REQ, frames)
+            else:
+                self.wal.append(REQ, frames, ok=ok)
 
     def record_save(self, save_dir: str, clients: dict[str, list[int]]) -> None:
         """Log that the state up to here is in the checkpoint being written to ``save_dir``.
@@ -670,12 +676,17 @@ class ShardJournal:
             self.wal.drop_before(newest)
 
     def recover(self, load: Callable[[str, dict[str, list[int]] | None], None],
-                replay: Callable[[list[memoryview]], None]) -> RecoveryReport:
+                replay: Callable[[list[memoryview]], bool | None]) -> RecoveryReport:
         """Rebuild the state: load the newest usable checkpoint the log names, replay after it.
 
         :param load: ``load(checkpoint_path, clients)`` replaces the shard's state by a
             checkpoint (``clients``: exactly-once marks to use instead of the checkpoint's).
-        :param replay: ``replay(frames)`` runs one logged request through the shard.
+        :param replay: ``replay(frames)`` runs one logged request through the shard and
+            returns whether it was applied (None: not known).
+
+        Raises :class:`~xdl.errors.CheckpointError` when a replayed request has another
+        outcome than when it was logged: the shard would not hold what it acknowledged
+        (it was restarted with other settings, e.g. ``--num-shards``).
         """
         t0 = time.perf_counter()
         report = RecoveryReport(truncated_bytes=self.wal.stats.truncated_bytes)
@@ -701,7 +712,15 @@ class ShardJournal:
             for r in self.wal.records(start):
                 report.records += 1
                 if r.kind == REQ and r.lsn > base_lsn:
-                    replay(r.frames)
+                    ok = replay(r.frames)
+                    logged = r.meta.get("ok")
+                    if ok is not None and isinstance(logged, bool) and ok != logged:
+                        raise CheckpointError(
+                            f"write-ahead log record {r.lsn} was "
+                            f"{'applied' if logged else 'refused'} when logged but is "
+                            f"{'applied' if ok else 'refused'} on replay: restart the shard "
+                            "with the settings it had (--shard, --num-shards, "
+                            "--max-request-bytes, --checkpoint-root)")
                     report.replayed += 1
         finally:
             self.replaying = False
@@ -752,8 +771,12 @@ class Durability:
         """
         self = cls(shard, WriteAheadLog(directory, fsync=fsync, segment_bytes=segment_bytes,
                                         background=background))
-        assert self.journal is not None
-        self.report = self.journal.recover(self._load, self._replay)
+        assert self.journal is not None and self.wal is not None
+        try:
+            self.report = self.journal.recover(self._load, self._replay)
+        except BaseException:
+            self.wal.close()
+            raise
         if self.report.records:
             log.info("shard %d recovered from its write-ahead log in %.2f s: %s, %d requests "
                      "replayed (%d torn bytes cut)", shard.shard, self.report.seconds,
@@ -774,8 +797,12 @@ class Durability:
         if clients is not None:  # this shard's own marks, not the merge of every part
             self.shard.clients = {cid: ClientRecord.from_json(v) for cid, v in clients.items()}
 
-    def _replay(self, frames: list[memoryview]) -> None:
-        self.shard.handle(frames, lambda reply: None)
+    def _replay(self, frames: list[memoryview]) -> bool | None:
+        replies: list[list[Any]] = []
+        self.shard.handle(frames, replies.append)
+        if len(replies) != 1:
+            return None
+        return bool(codec.unpackb(_bytes_of(replies[0][2])).get("ok"))
 
     def loaded(self, path: str) -> None:
         """Record that the state was replaced by checkpoint ``path`` (``--load`` at start)."""
@@ -806,7 +833,7 @@ class Durability:
 
                     self.journal.record_base(checkpoint_dir(self.shard, req.header))
             elif command in P.MUTATING:
-                self.journal.record_request(frames)
+                self.journal.record_request(frames, ok)
         except Exception:
             log.critical("shard %d cannot write its write-ahead log; it stops so that a "
                          "restart recovers a state it acknowledged", self.shard.shard)

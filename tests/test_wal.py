@@ -316,10 +316,10 @@ def test_a_failed_write_is_not_left_half_in_the_log(tmp_path: Any,
 class LoggedShard:
     """An in-process shard with a write-ahead log, fed the way the service loop feeds it."""
 
-    def __init__(self, wal_dir: str, root: str) -> None:
+    def __init__(self, wal_dir: str, root: str, num_shards: int = 1) -> None:
         from xdl.server.shard import Shard
 
-        self.shard = Shard(checkpoint_root=root)
+        self.shard = Shard(0, num_shards, checkpoint_root=root)
         self.durable = W.Durability.open(self.shard, wal_dir, "every", background=False)
 
     def __call__(self, seq: int, command: bytes, header: dict[str, Any],
@@ -428,3 +428,14 @@ def test_a_load_becomes_the_base_of_recovery(tmp_path: Any) -> None:
     assert again.durable.report.base == tmp[:-4] and again.durable.report.replayed == 1
     np.testing.assert_array_equal(again.shard.tables["t"].pull(ids), want)
     again.durable.close()
+
+
+def test_a_replay_that_would_differ_refuses_to_start(tmp_path: Any) -> None:
+    wal_dir, root = str(tmp_path / "wal"), str(tmp_path / "ckpt")
+    s = LoggedShard(wal_dir, root)
+    assert s(1, P.CREATE_TABLE, {"table": "t", "dim": 2})["ok"]
+    ids = np.arange(64, dtype=np.int64)  # some belong to shard 1 of 2
+    assert s(2, P.PUSH, {"table": "t"}, {"ids": ids, "grads": np.ones((64, 2), np.float32)})["ok"]
+    s.durable.close()
+    with pytest.raises(CheckpointError, match="applied when logged but is refused on replay"):
+        LoggedShard(wal_dir, root, num_shards=2)  # restarted as one shard of two
