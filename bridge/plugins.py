@@ -365,7 +365,8 @@ def list_plugins() -> list[dict[str, Any]]:
 
 
 def format_plugins() -> str:
-    """Text of ``xdl plugins``: one line per plugin (name, version, hooks), then backends."""
+    """Text of ``xdl plugins``: one line per plugin (name, version, hooks), then the
+    backends and the adapters (with the backend each operates on)."""
     rows = list_plugins()
     width = max([len(r["name"]) for r in rows] + [len("plugin")])
     lines = [f"{'plugin':<{width}}  {'version':<8}  hooks"]
@@ -375,4 +376,7 @@ def format_plugins() -> str:
     lines.append("backends: " + ", ".join(
         f"{cls.name}{'' if cls.is_installed() else ' (not installed)'}"
         for cls in sorted(state.backends, key=lambda c: c.name)))
+    lines.append("adapters: " + ", ".join(
+        f"{name} ({getattr(state.adapters.get(name), 'backend', '') or 'functions'})"
+        for name in state.adapters.names()))
     return "\n".join(lines)

@@ -233,6 +233,7 @@ def test_no_framework_is_imported_by_loading_plugins() -> None:
     assert result.returncode == 0, result.stderr
     backends = result.stdout.split("backends:")[1]
     assert "numpy" in backends and "torch" in backends
+    assert "torch_nn (torch)" in result.stdout.split("adapters:")[1]
 
 
 def test_missing_framework_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
