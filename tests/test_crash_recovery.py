@@ -35,8 +35,10 @@ WINDOW = 16
 class Shard:
     """One shard process that can be killed and restarted on the same port and log."""
 
-    def __init__(self, k: int, n: int, wal_dir: str, root: str, fsync: str) -> None:
+    def __init__(self, k: int, n: int, wal_dir: str, root: str, fsync: str,
+                 extra: tuple[str, ...] = ()) -> None:
         self.k, self.n, self.wal_dir, self.root, self.fsync = k, n, wal_dir, root, fsync
+        self.extra = extra
         self.endpoint = "tcp://127.0.0.1:0"
         self.proc: subprocess.Popen[str] | None = None
         self.log = open(os.path.join(os.path.dirname(wal_dir), f"shard{k}.log"), "a")
@@ -45,7 +47,7 @@ class Shard:
         cmd = [sys.executable, "-m", "xdl.server", "--bind", self.endpoint, "--shard",
                str(self.k), "--num-shards", str(self.n), "--wal-dir", self.wal_dir,
                "--wal-fsync", self.fsync, "--checkpoint-root", self.root,
-               "--parent-pid", str(os.getpid())]
+               "--parent-pid", str(os.getpid()), *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      stdin=subprocess.DEVNULL)
         assert self.proc.stdout is not None
@@ -170,3 +172,30 @@ def test_no_acknowledged_push_is_lost_or_doubled_across_sigkills(shards: Any) ->
     print(f"\n{i} pushes acknowledged through {n_kills} SIGKILLs at t = "
           f"{', '.join(f'{t:.1f}' for t in kills)} s; each applied exactly once; the client "
           f"noticed {noticed} restarts")
+
+
+def test_load_at_start_then_the_log_wins_after_a_crash(tmp_path: Any) -> None:
+    root = str(tmp_path / "ckpt")
+    os.makedirs(root)
+    ids = np.arange(16, dtype=np.int64)
+    ones = np.full((16, 2), -1.0, dtype=np.float32)
+    first = Shard(0, 1, str(tmp_path / "wal-a"), root, "every")
+    try:
+        first.start()
+        with connect([first.endpoint], timeout=20.0) as client:
+            client.create_table("t", dim=2, optimizer=xoptim.SGD(lr=1.0))
+            client.wait(client.push("t", ids, ones))
+            client.save(root)
+    finally:
+        first.stop()
+    second = Shard(0, 1, str(tmp_path / "wal-b"), root, "every", extra=("--load", root))
+    try:
+        second.start()  # empty log: starts from the checkpoint, and logs that it did
+        with connect([second.endpoint], timeout=0.5, retries=100) as client:
+            np.testing.assert_array_equal(client.pull("t", ids), -ones)
+            client.wait(client.push("t", ids, ones))
+            second.kill()
+            second.start()  # same --load, but the log holds newer state: the log wins
+            np.testing.assert_array_equal(client.pull("t", ids), -2 * ones)
+    finally:
+        second.stop()
