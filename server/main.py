@@ -43,9 +43,10 @@ def parser(prog: str = "xdl server") -> argparse.ArgumentParser:
                    help="keep a write-ahead log here: every acknowledged change survives a "
                         "crash, and a restart recovers from it (XDL_WAL_DIR)")
     p.add_argument("--wal-fsync", default=os.environ.get("XDL_WAL_FSYNC", "every"),
-                   help="when the log is synced before replies: 'every' (group commit per "
-                        "loop turn, the default), a number of milliseconds, or 'none' "
-                        "(survives a killed process, not a power cut) (XDL_WAL_FSYNC)")
+                   help="when the log is synced: 'every' (default; each reply waits for "
+                        "a sync, shared by the requests that arrive meanwhile), a number of "
+                        "milliseconds between syncs, or 'none' (survives a killed process, "
+                        "not a power cut) (XDL_WAL_FSYNC)")
     p.add_argument("--curve-secret", metavar="FILE",
                    help="this shard's CURVE key pair (from `xdl keys generate`); with "
                         "--curve-clients, only those clients may connect "

@@ -24,11 +24,12 @@ part of a checkpoint into ``dir``; meta also holds this shard's exactly-once mar
 ``--load`` at start). A checkpoint record starts a new segment; once its checkpoint is
 committed, every older segment is deleted.
 
-Durability (``fsync`` policy): ``"every"`` syncs before any reply leaves (group
-commit: all requests drained in one loop turn share one ``fdatasync``); a number of
-milliseconds syncs at most that long after the oldest unsynced record (replies wait
-for it); ``"none"`` never syncs: a record is written to the OS before the reply, so it
-survives the process being killed, but not the machine losing power.
+Durability (``fsync`` policy): ``"every"`` syncs before any reply leaves, as a group
+commit: a thread runs ``fdatasync`` while the shard serves on, and the requests that
+arrive meanwhile share the next one; a number of milliseconds starts a sync at most that
+long after the oldest unsynced record (replies wait for it); ``"none"`` never syncs: a
+record is written to the OS before the reply, so it survives the process being killed,
+but not the machine losing power.
 """
 
 from __future__ import annotations
