@@ -22,9 +22,10 @@ switched off for it (host callbacks cannot be compiled).
 **Training is the user's.** ``model.compile(...)`` (any Keras optimizer for the dense
 weights) and ``fit`` / ``evaluate`` / ``predict`` are unchanged; nothing overrides
 ``train_step`` or wraps the optimizer. A layer called several times per step gets one
-push of the summed gradient. :func:`server_optimizer` translates a Keras optimizer to
-the server-side spec with that Keras' semantics (Keras 3's Adagrad has epsilon inside
-the square root, tf-keras' outside).
+push of the summed gradient, sent right after the optimizer's update (the anchor's
+constraint, which Keras applies then). :func:`server_optimizer` translates a Keras
+optimizer to the server-side spec with that Keras' semantics (Keras 3's Adagrad has
+epsilon inside the square root, tf-keras' outside).
 
 **Unswap** puts an ordinary ``Embedding`` back (same object, original class, a new
 ``embeddings`` variable holding the trained rows); the model then saves with
@@ -133,6 +134,29 @@ class DistributedEmbedding:
             "rows live on the parameter server. Call xdl.unswap(model) first to put "
             "ordinary Embedding layers back with the trained rows, or save the tables with "
             "client.save(path)", table=self._xdl_remote.table)
+
+
+class _PushAfterUpdate:
+    """The anchor's constraint: Keras applies a variable's constraint right after the
+    optimizer's update, so this is where a step's gradients of the table are complete
+    and are pushed (one push per table per step; without it they would be pushed before
+    the table's next pull, just as exactly, only later)."""
+
+    def __init__(self, remote: RemoteTable) -> None:
+        self.remote = remote
+
+    def __call__(self, anchor: Any) -> Any:
+        import tensorflow as tf
+
+        remote = self.remote
+
+        def push(value: np.ndarray) -> np.ndarray:
+            remote.buffer.flush(remote.client, remote.table)
+            return value
+
+        value = tf.convert_to_tensor(anchor)
+        out = tf.numpy_function(push, [value], value.dtype, stateful=True, name="xdl_push")
+        return tf.reshape(out, tf.shape(value))
 
 
 _classes: dict[type, type] = {}
@@ -342,14 +366,16 @@ class KerasAdapter(LayerAdapter):
             if layer.built and getattr(layer, "embeddings", None) is not None:
                 del layer.embeddings
             anchor = layer.add_weight(name="xdl_anchor", shape=(1,), initializer="zeros",
-                                      trainable=True, dtype="float32")
+                                      trainable=True, dtype="float32",
+                                      constraint=_PushAfterUpdate(remote))
         else:
             if layer.built and getattr(layer, "_embeddings", None) is not None:
                 del layer._embeddings  # Keras untracks the variable
             layer._tracker.unlock()
             try:
                 anchor = layer.add_weight(name="xdl_anchor", shape=(1,), initializer="zeros",
-                                          trainable=True, dtype="float32")
+                                          trainable=True, dtype="float32",
+                                          constraint=_PushAfterUpdate(remote))
             finally:
                 layer._tracker.lock()
             layer.supports_jit = False  # host callbacks cannot be compiled by XLA
