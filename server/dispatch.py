@@ -130,10 +130,16 @@ class Dispatcher:
                 return None, None
             rh, ra = out
             return codec.encode(req.command, {"ok": True, "seq": req.seq, **rh}, ra), None
+        # The reply is built inside each except clause: keeping the exception past it
+        # would tie this frame (and the request's buffers) into a reference cycle with
+        # its traceback, held until the garbage collector happens to run.
         except XdlError as exc:
-            err = exc
+            return self._refusal(req, exc)
         except Exception as exc:  # a bug must not take the shard down
-            err = self._internal(req.command, exc)
+            return self._refusal(req, self._internal(req.command, exc))
+
+    def _refusal(self, req: Request, err: XdlError
+                 ) -> tuple[list[Any], tuple[str, str, str | None]]:
         return self._error_reply(req.command, req.seq, err), (err.code, str(err), err.table)
 
     def _internal(self, command: bytes, exc: Exception) -> InternalError:

@@ -141,7 +141,10 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
                     msg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                _serve_one(state, sock, msg, durability, security)
+                size = _serve_one(state, sock, msg, durability, security)
+                del msg  # the request's buffers go now, not when the next one arrives
+                if size > _TRIM_ABOVE:
+                    _release_memory()
                 if state.stopping:
                     break
             durability.tick()  # group commit: one sync for what this turn drained
@@ -163,8 +166,11 @@ def _close(sock: zmq.Socket, ctx: zmq.Context, security: ServerSecurity | None) 
 
 
 def _serve_one(state: Shard, sock: zmq.Socket, msg: list[Any], durability: Durability,
-               security: ServerSecurity | None = None) -> None:
-    """Hand one message to the shard; nothing that happens here stops the loop."""
+               security: ServerSecurity | None = None) -> int:
+    """Hand one message to the shard; nothing that happens here stops the loop.
+
+    Returns the message's size in bytes.
+    """
     identity, body = msg[0], msg[1:]
     size = sum(len(f) for f in body)
 
@@ -181,13 +187,11 @@ def _serve_one(state: Shard, sock: zmq.Socket, msg: list[Any], durability: Durab
         refusal = security.refusal(body) if security is not None else None
         if refusal is not None:  # an admin command from a key that is not an admin's
             respond(refusal)
-            return
-        state.handle(body, respond)
+        else:
+            state.handle(body, respond)
     except Exception:  # handle() answers every failure itself; this is the last line
         log.error("shard %d: request not served:\n%s", state.shard, traceback.format_exc())
-    del msg, body
-    if size > _TRIM_ABOVE:
-        _release_memory()
+    return size
 
 
 #: Requests larger than this are followed by handing freed memory back to the system.
