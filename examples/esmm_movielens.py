@@ -40,6 +40,7 @@ import numpy as np
 import xdl
 from xdl import datasets, metrics
 from xdl.backends.mxnet_backend import import_mxnet
+from xdl.wrapper import prefetch_batches
 
 mx = import_mxnet()  # MXNet 1.9.1 needs the numpy.bool shim; the backend applies it
 from mxnet import autograd, gluon, nd  # noqa: E402
@@ -291,15 +292,31 @@ def esmm_loss(ctr_logit: Any, cvr_logit: Any, click: Any, conversion: Any) -> An
     return ctr_loss + ctcvr_loss
 
 
-def train_loop(net: gluon.Block, trainer: gluon.Trainer, data: EsmmData, epochs: int,
-               batch_size: int) -> float:
-    """Train ``epochs`` over ``data.train`` (order depends only on the seed)."""
+def _batches(data: EsmmData, epoch: int, batch_size: int) -> Any:
     n = len(data.train["click"])
+    perm = np.random.default_rng([SEED, epoch]).permutation(n)
+    for lo in range(0, n, batch_size):
+        yield to_batch(data.train, perm[lo:lo + batch_size])
+
+
+def train_loop(net: gluon.Block, trainer: gluon.Trainer, data: EsmmData, epochs: int,
+               batch_size: int, prefetch: bool = False) -> float:
+    """Train ``epochs`` over ``data.train`` (order depends only on the seed).
+
+    :param prefetch: pull the next batch's rows while the current batch computes
+        (distributed blocks only; exact, so the training is the same).
+    """
+    inputs = dict(zip(TABLES, ("user", "item", "genres", "gender", "age", "occupation"),
+                      strict=True))
+
+    def schedule(b: dict[str, Any]) -> None:
+        for table, key in inputs.items():
+            getattr(net, table).prefetch(b[key])
+
     start = time.perf_counter()
     for epoch in range(epochs):
-        perm = np.random.default_rng([SEED, epoch]).permutation(n)
-        for lo in range(0, n, batch_size):
-            b = to_batch(data.train, perm[lo:lo + batch_size])
+        batches = _batches(data, epoch, batch_size)
+        for b in prefetch_batches(batches, schedule) if prefetch else batches:
             with autograd.record():
                 ctr, cvr = net(*(b[k] for k in FEATURES))
                 loss = esmm_loss(ctr, cvr, b["click"], b["conversion"])
@@ -349,16 +366,18 @@ def train_local(data: EsmmData, epochs: int, batch_size: int, lr: float = LR) ->
 
 
 def train_server(data: EsmmData, epochs: int, batch_size: int, shards: int = 2,
-                 lr: float = LR) -> Result:
+                 lr: float = LR, prefetch: bool = False) -> Result:
     """ESMM with its six tables on ``shards`` local shards (``xdl.swap``, server-side
-    Adagrad in MXNet's semantics); the dense towers train with ``gluon.Trainer``."""
+    Adagrad in MXNet's semantics; ``prefetch``: the next batch's rows pulled while the
+    current batch computes, exactly); the dense towers train with ``gluon.Trainer``."""
     net = build_model(data)
     with xdl.connect(local_shards=shards) as client:
         # the tables start from the layers' rows; initializer and seeds say the same
         net = xdl.swap(net, client, optimizer=xdl.optim.Adagrad.mxnet(lr=lr),
                        initializer=INIT,
                        per_table={name: {"seed": SEED + i} for i, name in enumerate(TABLES)})
-        seconds = train_loop(net, trainer_for(net, lr), data, epochs, batch_size)
+        seconds = train_loop(net, trainer_for(net, lr), data, epochs, batch_size,
+                             prefetch=prefetch)
         result = Result(f"server x{shards}", evaluate(net, data.test), seconds)
         xdl.unswap(net, client)
     return result
@@ -381,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sampled unrated movies per rating (impressions without click)")
     p.add_argument("--cache-dir", default=None, help="MovieLens-100k cache folder")
     p.add_argument("--no-local", action="store_true", help="skip the local run")
+    p.add_argument("--prefetch", action="store_true",
+                   help="server run: pull the next batch's rows while the current computes")
     args = p.parse_args(argv)
     try:
         data = load_data(args.cache_dir, args.negatives)
@@ -393,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"impressions: {len(tr['click']):,} train, {len(te['click']):,} test; train CTR "
           f"{tr['click'].mean():.3f}, CVR among clicks "
           f"{tr['conversion'][tr['click'] > 0].mean():.3f}")
-    _report(train_server(data, args.epochs, args.batch_size, args.shards, args.lr))
+    _report(train_server(data, args.epochs, args.batch_size, args.shards, args.lr,
+                         args.prefetch))
     if not args.no_local:
         _report(train_local(data, args.epochs, args.batch_size, args.lr))
     return 0

@@ -107,8 +107,10 @@ def test_proxy_impressions(esmm: ModuleType, data: object) -> None:
                                   din.item_genres[data.train["item"]])  # type: ignore[attr-defined]
 
 
-def test_esmm_through_the_server_equals_local(esmm: ModuleType, data: object) -> None:
-    server = esmm.train_server(data, 1, 64, shards=2)
+@pytest.mark.parametrize("prefetch", [False, True], ids=["pull", "exact-prefetch"])
+def test_esmm_through_the_server_equals_local(esmm: ModuleType, data: object,
+                                              prefetch: bool) -> None:
+    server = esmm.train_server(data, 1, 64, shards=2, prefetch=prefetch)
     local = esmm.train_local(data, 1, 64)
     for key in ("ctr_auc", "cvr_auc", "ctcvr_auc"):
         assert 0.0 <= server.metrics[key] <= 1.0
