@@ -19,6 +19,7 @@ get ``--threads`` TensorFlow threads (default: half the cores).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -67,8 +68,8 @@ def wrapper_rounds(client: Any, data: Any, batches: list[din.Batch], per_round: 
     server_s, local_s = [], []
     for r in range(rounds):
         chunk = batches[WARMUP + r * per_round:WARMUP + (r + 1) * per_round]
-        server_s.append(timed(lambda c=chunk: run(server, c)))
-        local_s.append(timed(lambda c=chunk: run(local, c)))
+        server_s.append(timed(functools.partial(run, server, chunk)))
+        local_s.append(timed(functools.partial(run, local, chunk)))
     return server_s, local_s
 
 
@@ -95,8 +96,8 @@ def keras_rounds(client: Any, data: Any, rows: np.ndarray, batch_size: int, per_
     server_s, local_s = [], []
     for r in range(rounds):
         lo = WARMUP + r * per_round
-        server_s.append(timed(lambda lo=lo: fit(server, lo, per_round)))
-        local_s.append(timed(lambda lo=lo: fit(local, lo, per_round)))
+        server_s.append(timed(functools.partial(fit, server, lo, per_round)))
+        local_s.append(timed(functools.partial(fit, local, lo, per_round)))
     xdl.unswap(server)
     return server_s, local_s
 
