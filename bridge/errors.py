@@ -86,6 +86,16 @@ class PermissionDeniedError(XdlError):
     code = "DENIED"
 
 
+class ShardRestartedError(XdlError):
+    """A request was sent to a shard process that has since restarted (``boot`` differs).
+
+    The client's transport handles it: it resends its unanswered requests, in order,
+    to the new process. It reaches a caller only from a client that does not.
+    """
+
+    code = "RESTARTED"
+
+
 class ServerUnavailableError(XdlError):
     """A shard did not answer within the timeout after every retry.
 
@@ -137,6 +147,7 @@ ERRORS_BY_CODE: dict[str, type[XdlError]] = {
         CheckpointError,
         DiskFullError,
         PermissionDeniedError,
+        ShardRestartedError,
         ServerUnavailableError,
         DeadlineExceededError,
         InternalError,

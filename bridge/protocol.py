@@ -11,12 +11,18 @@ Request header keys:
 
 ``cid``   client id (str), ``inc`` incarnation (int), ``seq`` sequence number (int),
 ``arrays`` list of ``[role, dtype, shape]`` describing frames 3.., plus the
-command's own fields (``table``, ``dim``, ...).
+command's own fields (``table``, ``dim``, ...). Optional ``boot``: the shard process
+the client believes it talks to; a shard whose boot id differs refuses the request
+with ``RESTARTED`` without running it (see below).
 
 Reply header keys:
 
 ``ok`` (bool), ``seq`` (the request's seq), ``arrays`` as above; on failure ``code``
 (one of :data:`ERROR_CODES`, also :attr:`xdl.errors.XdlError.code`) and ``message``.
+``boot`` (str): an id of the shard process, new at every start, and ``wal`` (bool):
+whether it keeps a write-ahead log. A client that sees a new boot id resends its
+unanswered requests in seq order, stamped with it: requests that were in flight when
+a shard died are refused by its successor rather than overtaken by later ones.
 
 A shard binds one ROUTER; a client holds one DEALER per shard and sends without an
 empty delimiter frame. Pushes are applied exactly once per ``(cid, inc, seq)``:
@@ -91,5 +97,5 @@ DEFAULT_RETRIES = 3
 ERROR_CODES = frozenset({
     "ERROR", "PROTOCOL", "UNKNOWN_COMMAND", "NO_SUCH_TABLE", "TABLE_EXISTS", "INVALID_ARGUMENT",
     "TOO_LARGE", "STALE_CLIENT", "CHECKPOINT", "DISK_FULL", "DEADLINE", "DENIED",
-    "INTERNAL",
+    "RESTARTED", "INTERNAL",
 })

@@ -185,7 +185,9 @@ def _serve_one(state: Shard, sock: zmq.Socket, msg: list[Any], durability: Durab
 
     try:
         refusal = security.refusal(body) if security is not None else None
-        if refusal is not None:  # an admin command from a key that is not an admin's
+        if refusal is None:  # not an admin command from a key that is not an admin's
+            refusal = durability.refusal(body)  # nor sent to this shard's predecessor
+        if refusal is not None:
             respond(refusal)
         else:
             state.handle(body, respond)

@@ -841,6 +841,36 @@ class Durability:
             self.shard.stopping = True
             raise
 
+    def refusal(self, frames: Sequence[Buffer]) -> list[Any] | None:
+        """A ``RESTARTED`` reply if the request names another process's boot id, else None.
+
+        A client stamps its requests with the boot id it last saw. A request stamped
+        with an older one was sent before the client knew this process exists: requests
+        sent just before it may have died with the old process, so running it could let
+        it overtake them (their seqs would then look like duplicates). It is refused
+        unrun; the client resends everything unanswered, in order, with the new id.
+        """
+        if len(frames) < 3:
+            return None
+        try:
+            header = codec.unpackb(_bytes_of(frames[2]))
+        except Exception:  # malformed: the dispatcher says what is wrong
+            return None
+        boot = header.get("boot") if isinstance(header, dict) else None
+        if not isinstance(boot, str) or boot == self.boot:
+            return None
+        seq = header.get("seq")
+        command = bytes(_bytes_of(frames[1])[:32])
+        from xdl import protocol as P
+        from xdl.errors import ShardRestartedError
+
+        exc = ShardRestartedError(
+            f"sent to shard process {boot[:16]!r}, which has restarted (now "
+            f"{self.boot!r}); resend unanswered requests in order")
+        return codec.encode(command if command in P.COMMANDS else b"ERROR", {
+            "ok": False, "seq": seq if isinstance(seq, int) else -1, "code": exc.code,
+            "message": str(exc), "table": None})
+
     def send(self, send: Callable[[list[Any]], None], frames: list[Any]) -> None:
         """Stamp the boot id on a reply and send it once what it follows is durable."""
         if len(frames) >= 3:

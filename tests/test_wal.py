@@ -439,3 +439,25 @@ def test_a_replay_that_would_differ_refuses_to_start(tmp_path: Any) -> None:
     s.durable.close()
     with pytest.raises(CheckpointError, match="applied when logged but is refused on replay"):
         LoggedShard(wal_dir, root, num_shards=2)  # restarted as one shard of two
+
+
+def test_a_request_meant_for_the_previous_process_is_refused_unrun(tmp_path: Any) -> None:
+    s = LoggedShard(str(tmp_path / "wal"), str(tmp_path / "ckpt"))
+    d = s.durable
+
+    def frames(boot: str | None) -> list[bytes]:
+        h: dict[str, Any] = {"cid": "w", "inc": 1, "seq": 5, "table": "t"}
+        if boot is not None:
+            h["boot"] = boot
+        return [bytes(memoryview(f)) for f in codec.encode(
+            P.PUSH, h, {"ids": np.arange(2, dtype=np.int64),
+                        "grads": np.ones((2, 2), np.float32)})]
+
+    assert d.refusal(frames(None)) is None  # a client that has not seen a boot id yet
+    assert d.refusal(frames(d.boot)) is None
+    reply = d.refusal(frames("0123456789abcdef"))
+    assert reply is not None
+    _, h, _ = codec.decode([bytes(memoryview(f)) for f in reply])
+    assert h["ok"] is False and h["code"] == "RESTARTED" and h["seq"] == 5
+    assert d.refusal([P.MAGIC, P.PUSH, b"\xc1"]) is None  # malformed: the dispatcher's job
+    d.close()
