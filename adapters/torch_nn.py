@@ -29,7 +29,7 @@ import numpy as np
 from xdl import init as xinit
 from xdl import surgery
 from xdl.hookspecs import hookimpl
-from xdl.lookup import RemoteTable
+from xdl.lookup import RemoteTable, prefetch_many
 from xdl.surgery import LayerAdapter, LayerSpec
 from xdl.wrapper import Lookup, prefetch_batches, torch_wrapper
 
@@ -254,7 +254,7 @@ def prefetch(model: nn.Module, batches: Iterable[T],
     if ids_fn is not None:
         fn = ids_fn
         return prefetch_batches(
-            batches, lambda b: [m.prefetch(ids, exact=exact) for m, ids in fn(b)])
+            batches, lambda b: prefetch_many([(m.remote, ids) for m, ids in fn(b)], exact=exact))
     return _learned_prefetch(model, batches, mods, exact)
 
 
@@ -280,7 +280,8 @@ def _learned_prefetch(model: nn.Module, batches: Iterable[T], mods: Any,
     routes = list(unique_routes.values())
     yield from prefetch_batches(
         iterator,
-        lambda b: [module.prefetch(_leaf(b, path), exact=exact) for module, path in routes])
+        lambda b: prefetch_many([(module.remote, _leaf(b, path)) for module, path in routes],
+                                exact=exact))
 
 
 @hookimpl

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -302,7 +303,7 @@ class RemoteTable:
         self.buffer = buffer if buffer is not None else default_buffer()
         self.name = name
         self._prefetched: deque[_Prefetched] = deque()
-        self._prefetch_lock = threading.Lock()
+        self._prefetch_lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
@@ -403,12 +404,22 @@ class RemoteTable:
         """
         unique = self._unique(ids)
         with self._prefetch_lock:
+            pending = [e.unique for e in self._prefetched] if exact else []
+            future = self._prefetch_executor().submit(self._pull_after_pushes, unique, exact,
+                                                      pending)
+            self._add_prefetched(_Prefetched(unique, future, exact))
+
+    def _prefetch_executor(self) -> ThreadPoolExecutor:
+        with self._prefetch_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix=f"xdl-prefetch-{self.table}")
-            pending = [e.unique for e in self._prefetched] if exact else []
-            future = self._executor.submit(self._pull_after_pushes, unique, exact, pending)
-            self._prefetched.append(_Prefetched(unique, future, exact))
+            return self._executor
+
+    def _add_prefetched(self, entry: _Prefetched) -> None:
+        with self._prefetch_lock:
+            self._prefetch_executor()  # so that pushes refresh the entry
+            self._prefetched.append(entry)
             while len(self._prefetched) > _MAX_PREFETCH:
                 self._prefetched.popleft()
 
@@ -504,6 +515,77 @@ class RemoteTable:
         self.wait_pushes()
 
 
+def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = True) -> None:
+    """Prefetch several lookups at once: ``[(remote table, ids), ...]`` of a coming batch.
+
+    Lookups on one client are pulled together, in the background, with one
+    ``client.pull_many`` call (one request per shard for every table; a table named
+    twice is pulled once), instead of one round trip per table; each lookup then finds
+    its rows as after :meth:`RemoteTable.prefetch`. With ``exact=True`` (default) the
+    rows are exact as there: each table's push mark is taken before the pull, and every
+    later push of the table re-pulls the prefetched rows it touched. A client without
+    ``pull_many``, or a single lookup, goes through :meth:`RemoteTable.prefetch`.
+    """
+    groups: dict[int, list[tuple[RemoteTable, Any]]] = {}
+    for remote, ids in requests:
+        groups.setdefault(id(remote.client), []).append((remote, ids))
+    for group in groups.values():
+        client = group[0][0].client
+        if len(group) == 1 or not hasattr(client, "pull_many"):
+            for remote, ids in group:
+                remote.prefetch(ids, exact=exact)
+            continue
+        uniques = [remote._unique(ids) for remote, ids in group]
+        futures: list[Future[_Rows]] = []
+        for (remote, _), unique in zip(group, uniques, strict=True):
+            future: Future[_Rows] = Future()
+            remote._add_prefetched(_Prefetched(unique, future, exact))
+            futures.append(future)
+        executor = group[0][0]._prefetch_executor()
+        executor.submit(_pull_group, [r for r, _ in group], uniques, futures, exact)
+
+
+def _pull_group(remotes: list[RemoteTable], uniques: list[np.ndarray],
+                futures: list[Future[_Rows]], exact: bool) -> None:
+    """The background half of :func:`prefetch_many`: one ``pull_many``, results split."""
+    try:
+        client = remotes[0].client
+        tables: dict[str, list[int]] = {}  # table → positions in remotes
+        for i, remote in enumerate(remotes):
+            tables.setdefault(remote.table, []).append(i)
+        marks: dict[str, int | None] = {}
+        for table, where in tables.items():
+            remotes[where[0]].buffer.wait(client, table)  # as RemoteTable.prefetch does
+            marks[table] = remotes[where[0]]._push_mark() if exact else None
+        request: dict[str, np.ndarray] = {}
+        splits: dict[str, tuple[np.ndarray, list[int]]] = {}
+        for table, where in tables.items():
+            if len(where) == 1:
+                request[table] = uniques[where[0]]
+            else:  # the same table looked up twice: pull the union once
+                request[table], inverse = _unique_inverse(
+                    np.concatenate([uniques[i] for i in where]))
+                splits[table] = (inverse, [uniques[i].size for i in where])
+        wanted = {t: ids for t, ids in request.items() if ids.size}
+        rows = client.pull_many(wanted, unique=True) if wanted else {}  # type: ignore[attr-defined]
+        for table, where in tables.items():
+            dim = remotes[where[0]].dim
+            got = rows.get(table, np.zeros((0, dim), dtype=np.float32))
+            if table not in splits:
+                futures[where[0]].set_result((marks[table], got, None))
+                continue
+            inverse, sizes = splits[table]
+            start = 0
+            for i, size in zip(where, sizes, strict=True):
+                part = got[inverse[start:start + size]]
+                futures[i].set_result((marks[table], part, None))
+                start += size
+    except BaseException as exc:  # the lookups raise it when they take their rows
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
+
+
 def _pull_unique(client: SparseClient, table: str, unique_ids: np.ndarray,
                  dim: int) -> np.ndarray:
     """``client.pull`` of ids known to be unique (the client skips its own dedup)."""
@@ -524,4 +606,5 @@ __all__ = [
     "check_ids",
     "plan_bags",
     "plan_lookup",
+    "prefetch_many",
 ]

@@ -223,3 +223,36 @@ def test_threads_stop(client: xdl.Client) -> None:
     import threading
 
     assert not [t for t in threading.enumerate() if t.name.startswith("xdl-prefetch")]
+
+
+class TwoTables(nn.Module):
+    """Two tables, the first looked up twice per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_model()
+        self.other = nn.Embedding(VOCAB, DIM, sparse=True)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.inner(a, b) + self.other(a).sum((1, 2))
+
+
+def test_prefetch_pulls_every_table_of_a_batch_in_one_call(
+        client: xdl.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(SEED)
+    local = TwoTables()
+    torch.manual_seed(SEED)
+    model = xdl.swap(TwoTables(), client, optimizer=xdl.optim.SGD(lr=LR), prefix="many.")
+    calls: list[list[str]] = []
+    original = client.pull_many
+    monkeypatch.setattr(client, "pull_many",
+                        lambda requests, **kw: calls.append(sorted(requests)) or original(
+                            requests, **kw))
+    batches = make_batches()[:8]
+    expected = train(local, batches)
+    losses = train(model, torch_nn.prefetch(model, batches))
+    np.testing.assert_allclose(losses, expected, rtol=0, atol=TOL)  # still exact
+    # one pull_many per batch after the first (on which the routes are learned)
+    assert len(calls) == len(batches) - 1
+    assert all(c == ["many.inner.emb", "many.other"] for c in calls)
+    xdl.unswap(model, client)
