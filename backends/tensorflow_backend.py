@@ -495,13 +495,20 @@ class TrainStep:
             raise InvalidArgumentError(
                 f"tf_wrapper: {self.fn.__qualname__} read no trainable variable to share "
                 "through server_optimizer")
-        names = [f"{self.dense_prefix}{i}.{v.name}" for i, v in enumerate(self.dense_variables)]
+        names = [f"{self.dense_prefix}{i}.{_wire_name(v.name)}"
+                 for i, v in enumerate(self.dense_variables)]
         self._dense_sync = DenseSync(self.xdl.client, names,
                                      [v.numpy() for v in self.dense_variables],
                                      optimizer=self.server_optimizer,
                                      sync_workers=self.sync_workers)
         for var, value in zip(self.dense_variables, self._dense_sync.pull(), strict=True):
             var.assign(value)
+
+
+def _wire_name(name: str) -> str:
+    """``name`` with every character a server name refuses replaced by ``_``
+    (``dense/kernel:0`` → ``dense_kernel_0``)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "_" for c in name)
 
 
 def _owns(obj: Any) -> bool:
