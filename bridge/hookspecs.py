@@ -42,6 +42,7 @@ class OptimizerRegister(Protocol):
     def add(self, name: str, factory: Callable[..., Any]) -> None:
         """Register an optimizer spec factory under ``name``."""
 
+
 #: Marks a hook specification; private to xdl.
 hookspec = pluggy.HookspecMarker("xdl")
 
@@ -59,10 +60,8 @@ def xdl_register_backends(register: BackendRegister) -> None:
 
 
 @hookspec(firstresult=True)
-def xdl_detect_backend(obj: Any) -> Any:
+def xdl_detect_backend(obj: Any) -> Backend | str | None:
     """Return the backend (or its registered name) that owns ``obj``, or None.
-
-    The backend is an :class:`xdl.Backend`.
 
     ``obj`` is a tensor, a model or a function of some framework.
 
@@ -76,7 +75,7 @@ def xdl_detect_backend(obj: Any) -> Any:
 def xdl_register_adapters(register: AdapterRegister) -> None:
     """Register adapters: what :func:`xdl.swap` needs to know about a framework's layers.
 
-    An adapter is an :class:`xdl.surgery.LayerAdapter`: the backend it operates on, the
+    An adapter is an :class:`xdl.adapter.LayerAdapter`: the backend it operates on, the
     layer types it replaces, how to list layers with their paths, replace one, and
     translate its settings to a table spec and back.
 
