@@ -277,6 +277,9 @@ def train_server(data: datasets.DinData, epochs: int, batch_size: int, shards: i
                  exact_prefetch: bool = True) -> Result:
     """Train DIN with its embedding tables on ``shards`` local server shards
     (``xdl.swap`` with server-side Adagrad), dense weights with ``torch.optim.Adagrad``.
+    The tables start from the model's own rows (``xdl.swap`` keeps the model), which
+    :func:`build_model` makes the rows the server's initializer would create, so the
+    local run starts from the same model either way.
 
     :param use_prefetch: pull the next batch's rows while the current batch computes.
     :param exact_prefetch: re-pull the prefetched rows the current batch's push touched
