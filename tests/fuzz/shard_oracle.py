@@ -33,7 +33,7 @@ def request(command: bytes, header: dict[str, Any], arrays: dict[str, np.ndarray
 def fresh_shard() -> Shard:
     """A shard with a table (``emb``, 20 rows), an async and a sync dense variable."""
     shard = Shard(0, 1, max_request_bytes=1 << 20, max_parked=4, park_timeout_s=0.2)
-    setup = [
+    setup: list[tuple[bytes, dict[str, Any], dict[str, np.ndarray] | None]] = [
         (P.CREATE_TABLE, {"table": "emb", "dim": 4, "seed": 3,
                           "initializer": xinit.Normal(stddev=0.1).to_dict(),
                           "optimizer": xoptim.Adagrad(lr=0.1).to_dict()}, None),
