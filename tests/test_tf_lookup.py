@@ -196,3 +196,39 @@ def test_errors_say_what_and_where() -> None:
         tf_nn.embedding_lookup(tf.Variable(rows()), tf.constant([1]))
     with pytest.raises(xdl.errors.InvalidArgumentError, match="max_norm"):
         tf_nn.embedding_lookup(table, tf.constant([1]), max_norm=1.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tf_wrapper_dense_variables_on_the_server(mode: str) -> None:
+    """``server_optimizer=``: the function's dense variables live on the shards; each step
+    pushes their gradients and pulls the new values (here SGD, one worker), which equals
+    local SGD on the same variables, while the rows train on the server."""
+    client = FakeClient()
+    w_remote, w_local = tf.Variable(tf.ones([DIM, 1])), tf.Variable(tf.ones([DIM, 1]))
+    local_rows = tf.Variable(rows())
+
+    @xdl.tf_wrapper(client, server_optimizer=xdl.optim.SGD(lr=LR), graph=mode == "graph",
+                    dense_prefix=f"w-{mode}.")
+    def step(emb: Any, label: Any) -> Any:
+        logit = tf.squeeze(emb @ w_remote, -1)
+        return tf.reduce_mean(tf.square(logit - label)), logit
+
+    for i in range(3):
+        ids = np.array([[1, 2], [2, 5], [7, 7]]) + i
+        label = np.array([1.0, 0.0, 2.0], np.float32)
+        loss, _ = step(xdl.embedding(f"d-{mode}", ids, DIM, combiner="sum", initializer=INIT,
+                                     seed=3, optimizer=xdl.optim.SGD(lr=LR)), label)
+        with tf.GradientTape() as tape:
+            logit = tf.squeeze(tf.reduce_sum(tf.gather(local_rows, ids), 1) @ w_local, -1)
+            local_loss = tf.reduce_mean(tf.square(logit - label))
+        g_rows, g_w = tape.gradient(local_loss, [local_rows, w_local])
+        local_rows.assign_sub(LR * tf.convert_to_tensor(g_rows))
+        w_local.assign_sub(LR * g_w)
+        assert abs(float(loss) - float(local_loss)) < 1e-5
+    step.close()
+    assert [n for n in client.dense] == [f"w-{mode}.0.{w_remote.name.replace(':', '_')}"]
+    np.testing.assert_allclose(w_remote.numpy(), w_local.numpy(), atol=1e-5)
+    np.testing.assert_allclose(client.dense[f"w-{mode}.0.{w_remote.name.replace(':', '_')}"]
+                               ["value"], w_local.numpy(), atol=1e-5)
+    np.testing.assert_allclose(client.pull(f"d-{mode}", np.arange(VOCAB)), local_rows.numpy(),
+                               atol=1e-5)
