@@ -63,14 +63,13 @@ class DenseVariableCalls:
         :param step: in sync mode, the version the gradient was computed at
             (default: the version of this client's last :meth:`dense_pull`).
         """
-        g = np.asarray(grad, dtype=np.float32)
+        g = np.array(grad, dtype=np.float32)  # private: it is sent after we return
         if not np.isfinite(g).all():
             raise InvalidArgumentError("grad holds NaN or Inf values; nothing was sent",
                                        table=name)
         k = self._dense_shard(name)
         st = self.dense_version(name) if step is None else int(step)
         t = self._transport
-        with t.lock:
-            t.raise_failed()
-            seq = t.send(k, P.DENSE_PUSH, {"name": name, "step": st}, {"grad": g})
-            return t.track([(k, seq)])
+        t.raise_failed()
+        return Ticket(((k, t.send_later(k, P.DENSE_PUSH, {"name": name, "step": st},
+                                        {"grad": g})),))

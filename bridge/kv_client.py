@@ -140,15 +140,16 @@ class KeyValueCalls:
         g = self._checked_grads(table, flat.size, grads)
         routed, sorted_g = self._route_push(flat, g, unique)
         t = self._transport
-        with t.lock:
-            t.raise_failed()
-            t.throttle()
-            sent = self._router.send(P.PUSH, {"table": table}, [(routed, {"grads": sorted_g})])
-            ticket = t.track((s.shard, s.seq) for s in sent)
-            # the log keeps the request's (private, unsorted) ids; pushed_since sorts
-            # them only if someone asks, keeping a sort off the push path
-            self._pushlog.record(table, routed.ids, False)
-        return ticket
+        t.raise_failed()
+        t.throttle()
+        # queued, not sent by this thread (see Transport.send_later); any request sent
+        # after it, by any thread, goes out after it
+        sent = self._router.send(P.PUSH, {"table": table}, [(routed, {"grads": sorted_g})],
+                                 later=True)
+        # the log keeps the request's (private, unsorted) ids; pushed_since sorts
+        # them only if someone asks, keeping a sort off the push path
+        self._pushlog.record(table, routed.ids, False)
+        return Ticket(tuple((s.shard, s.seq) for s in sent))
 
     def _checked_grads(self, table: str, n: int, grads: Any) -> np.ndarray:
         g = np.asarray(grads)
@@ -253,14 +254,12 @@ class KeyValueCalls:
         logged = [r.ids if r.order is not None or not unique else r.ids.copy()
                   for r, _ in routed]
         t = self._transport
-        with t.lock:
-            t.raise_failed()
-            t.throttle()
-            sent = self._router.send(P.PUSH_MANY, {"tables": names}, routed, many=True)
-            ticket = t.track((s.shard, s.seq) for s in sent)
-            for name, ids in zip(names, logged, strict=True):
-                self._pushlog.record(name, ids, False)
-        return ticket
+        t.raise_failed()
+        t.throttle()
+        sent = self._router.send(P.PUSH_MANY, {"tables": names}, routed, many=True, later=True)
+        for name, ids in zip(names, logged, strict=True):
+            self._pushlog.record(name, ids, False)
+        return Ticket(tuple((s.shard, s.seq) for s in sent))
 
     def set_rows(self, table: str, ids: Any, rows: Any) -> None:
         """Write the values of rows ``ids`` (created when absent; optimizer slots of

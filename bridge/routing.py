@@ -81,7 +81,7 @@ class ShardRouter:
 
     def send(self, command: bytes, header: Mapping[str, Any],
              parts: Sequence[tuple[Routed, Mapping[str, np.ndarray]]], *,
-             many: bool = False) -> list[Sent]:
+             many: bool = False, later: bool = False) -> list[Sent]:
         """Send each shard that has ids one request with its slice of every part.
 
         :param parts: ``(routed ids, arrays in shard order)`` per part; each array has one
@@ -89,10 +89,13 @@ class ShardRouter:
         :param many: concatenate the parts' slices per role into flat frames and add
             the per-part ``counts`` to the header (the many-table request form); with
             False there must be exactly one part, sent as it is.
+        :param later: queue asynchronous requests (:meth:`~xdl.transport.Transport.send_later`)
+            instead of sending them now; then the transport's lock is not needed.
 
-        Hold the transport's lock. The arrays travel without copies: they must not change
-        until the requests are answered.
+        Otherwise hold the transport's lock. The arrays travel without copies: they must
+        not change until the requests are answered.
         """
+        send = self.transport.send_later if later else self.transport.send
         if not many and len(parts) != 1:
             raise ValueError("a single-part request needs exactly one part")
         sent: list[Sent] = []
@@ -108,7 +111,7 @@ class ShardRouter:
                 s, e = int(routed.bounds[k]), int(routed.bounds[k + 1])
                 arrays = {"ids": routed.ids[s:e], **{role: a[s:e] for role, a in extra.items()}}
                 h = header
-            sent.append(Sent(k, self.transport.send(k, command, h, arrays), counts))
+            sent.append(Sent(k, send(k, command, h, arrays), counts))
         return sent
 
     @staticmethod

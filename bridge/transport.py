@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,13 @@ class _Pending:
     table: str | None
     sent_at: float
     attempts: int = 0
+
+
+@dataclass
+class _Queued:
+    shard: int
+    seq: int
+    pending: _Pending
 
 
 @dataclass
@@ -110,6 +118,14 @@ class Transport:
             self._poller.register(c.socket, zmq.POLLIN)
         self._failed: list[XdlError] = []
         self.closed = False
+        # Requests in seq order not yet on the sockets (see send_later). Taking a seq and
+        # queueing the request is one step under _order_lock, and only the holder of
+        # `lock` sends from the queue, in order: each socket carries seqs in increasing
+        # order, which the shards' exactly-once filter relies on.
+        self._outbox: deque[_Queued] = deque()
+        self._order_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._sender: threading.Thread | None = None
         self._finalizer = weakref.finalize(self, Transport._finalize, self.ctx, self.conns)
 
     # ------------------------------------------------------------ sockets
@@ -139,33 +155,100 @@ class Transport:
         ctx.term()
 
     def has_pending(self) -> bool:
-        """Whether any request is still unanswered."""
-        return any(c.pending for c in self.conns)
+        """Whether any request is still unanswered (or not sent yet)."""
+        return bool(self._outbox) or any(c.pending for c in self.conns)
 
     def close(self) -> None:
-        """Close every socket (``LINGER 0``) and the context; later sends raise."""
-        self.closed = True
+        """Close every socket (``LINGER 0``) and the context; later sends raise.
+
+        Requests still queued by :meth:`send_later` are dropped: wait for them first.
+        """
+        with self.lock:
+            self.closed = True
+        self._wake.set()
+        sender = self._sender
+        if sender is not None and sender is not threading.current_thread():
+            sender.join(5.0)
         self._finalizer()
 
     # ------------------------------------------------------------ requests
     def send(self, k: int, command: bytes, header: Mapping[str, Any],
              arrays: Mapping[str, np.ndarray] | None = None) -> int:
-        """Send one request to shard ``k`` without waiting; returns its seq.
+        """Send one request to shard ``k`` without waiting for its reply; returns its seq.
 
-        The arrays travel without copies and are kept for resends until the reply
-        arrives: they must not be changed by anyone meanwhile. Hold :attr:`lock`.
+        Requests queued earlier by :meth:`send_later` go out first. The arrays travel
+        without copies and are kept for resends until the reply arrives: they must not
+        be changed by anyone meanwhile. Hold :attr:`lock`.
         """
-        if self.closed:
-            raise XdlError("client is closed")
-        seq = next(self._seq)
-        h = {"cid": self.client_id, "inc": self.incarnation, "seq": seq, **header}
-        frames = codec.encode(command, h, arrays)
-        conn = self.conns[k]
-        label = header.get("table") or header.get("name")
-        conn.pending[seq] = _Pending(frames, command, label if isinstance(label, str) else None,
-                                     time.monotonic())
-        conn.socket.send_multipart(frames, copy=False)
+        seq = self._enqueue(k, command, header, arrays, asynchronous=False)
+        self._flush()
         return seq
+
+    def send_later(self, k: int, command: bytes, header: Mapping[str, Any],
+                   arrays: Mapping[str, np.ndarray] | None = None) -> int:
+        """Queue an asynchronous request to shard ``k`` and return its seq at once.
+
+        The calling thread neither takes :attr:`lock` nor touches a socket (a socket send
+        lets go of the GIL, and a training thread can wait long to get it back while
+        prefetch threads run). The request goes out before any request sent after it, by
+        whichever thread sends next, or by this transport's sender thread. Its reply is
+        handled like :meth:`track`'s. Same rules for the arrays as :meth:`send`.
+        """
+        seq = self._enqueue(k, command, header, arrays, asynchronous=True)
+        if self._sender is None:
+            self._start_sender()
+        self._wake.set()
+        return seq
+
+    def _enqueue(self, k: int, command: bytes, header: Mapping[str, Any],
+                 arrays: Mapping[str, np.ndarray] | None, *, asynchronous: bool) -> int:
+        label = header.get("table") or header.get("name")
+        with self._order_lock:
+            if self.closed:
+                raise XdlError("client is closed")
+            seq = next(self._seq)
+            h = {"cid": self.client_id, "inc": self.incarnation, "seq": seq, **header}
+            frames = codec.encode(command, h, arrays)
+            if asynchronous:  # before it can be sent: its reply may come at once
+                self.conns[k].orphans.add(seq)
+            self._outbox.append(_Queued(k, seq, _Pending(
+                frames, command, label if isinstance(label, str) else None, 0.0)))
+        return seq
+
+    def _flush(self) -> None:
+        """Put every queued request on its socket, in seq order. Hold :attr:`lock`."""
+        while self._outbox:
+            q = self._outbox.popleft()
+            conn = self.conns[q.shard]
+            q.pending.sent_at = time.monotonic()
+            conn.pending[q.seq] = q.pending
+            conn.socket.send_multipart(q.pending.frames, copy=False)
+
+    def _start_sender(self) -> None:
+        with self._order_lock:
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=Transport._send_queued, args=(weakref.ref(self), self._wake),
+                    name="xdl-sender", daemon=True)
+                self._sender.start()
+
+    @staticmethod
+    def _send_queued(ref: weakref.ReferenceType[Transport], wake: threading.Event) -> None:
+        # the sender thread: holds the transport only while it sends, so that an
+        # unclosed transport can still be collected
+        while True:
+            wake.wait(1.0)
+            t = ref()
+            if t is None or t.closed:
+                return
+            wake.clear()
+            try:
+                with t.lock:
+                    if not t.closed:
+                        t._flush()
+            except Exception:  # a socket error: the waiting thread's retries handle it
+                log.exception("sending queued requests failed")
+            del t
 
     def track(self, sent: Iterable[tuple[int, int]]) -> Ticket:
         """Mark sent requests as asynchronous and return their :class:`Ticket`.
@@ -241,6 +324,7 @@ class Transport:
 
     def _collect(self, wanted: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Reply]:
         """Wait for the replies of ``(shard, seq)`` requests, retrying silent shards."""
+        self._flush()
         wanted = list(wanted)
         out: dict[tuple[int, int], Reply] = {}
         while True:
@@ -345,10 +429,12 @@ class Transport:
         """Bound the memory held by unanswered asynchronous requests: wait for the oldest."""
         for k, conn in enumerate(self.conns):
             if len(conn.orphans) > MAX_INFLIGHT_PUSHES:
-                oldest = sorted(conn.orphans)[: len(conn.orphans) - MAX_INFLIGHT_PUSHES // 2]
-                self._settle([(k, s) for s in oldest])
+                with self.lock:
+                    oldest = sorted(conn.orphans)[: len(conn.orphans) - MAX_INFLIGHT_PUSHES // 2]
+                    self._settle([(k, s) for s in oldest])
 
     def _settle(self, keys: Iterable[tuple[int, int]]) -> None:
+        self._flush()
         keys = [(k, s) for k, s in keys if s in self.conns[k].pending]
         for k, s in keys:
             self.conns[k].orphans.discard(s)

@@ -40,15 +40,16 @@ def tables(client: Client, request: pytest.FixtureRequest) -> dict[str, int]:
 
 
 def sends(client: Client, command: bytes, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """Count the requests of ``command`` the client sends from now on."""
+    """Count the requests of ``command`` the client sends or queues from now on."""
     seen: list[bytes] = []
-    original = client._transport.send
+    for method in ("send", "send_later"):
+        original = getattr(client._transport, method)
 
-    def spy(k: int, cmd: bytes, *args: Any, **kwargs: Any) -> int:
-        seen.append(cmd)
-        return original(k, cmd, *args, **kwargs)
+        def spy(k: int, cmd: bytes, *args: Any, _original: Any = original, **kwargs: Any) -> int:
+            seen.append(cmd)
+            return int(_original(k, cmd, *args, **kwargs))
 
-    monkeypatch.setattr(client._transport, "send", spy)
+        monkeypatch.setattr(client._transport, method, spy)
     return lambda: seen.count(command)
 
 
