@@ -189,6 +189,12 @@ class TensorFlowBackend(Backend):
         """``tf.reshape(t, shape)``."""
         return _tf().reshape(t, list(shape))
 
+    def expand(self, tensor: Any, indicator: Any) -> Any:
+        """Group rows to samples: row ``indicator[i]`` of ``tensor`` for sample ``i``
+        (``tf.gather``; eager or symbolic ``indicator``)."""
+        tf = _tf()
+        return tf.gather(tensor, tf.reshape(tf.cast(indicator, tf.int64), [-1]))
+
     # --- graph-safe lookups (host callbacks) --------------------------------------------
 
     def _rows_of(self, remote: RemoteTable, rows: Any, unique: Any, anchor: Any) -> Any:

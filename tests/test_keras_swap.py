@@ -227,3 +227,16 @@ def test_legacy_tf_keras_in_a_subprocess(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=150, env=env)
     assert proc.returncode == 0 and "legacy ok" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_regularizer_is_named_and_constraint_refused() -> None:
+    client = FakeClient()
+    model = keras.Sequential([keras.Input((2,), dtype="int32"),
+                              keras.layers.Embedding(10, 2, embeddings_regularizer="l2",
+                                                     name="reg")])
+    with pytest.warns(RuntimeWarning, match="embeddings_regularizer of Embedding reg"):
+        xdl.swap(model, client, prefix="reg.")
+    constrained = keras.Sequential([keras.Input((2,), dtype="int32"), keras.layers.Embedding(
+        10, 2, embeddings_constraint=keras.constraints.NonNeg(), name="nonneg")])
+    with pytest.raises(xdl.errors.XdlError, match="nonneg: embeddings_constraint"):
+        xdl.swap(constrained, client, prefix="nonneg.")

@@ -232,3 +232,20 @@ def test_tf_wrapper_dense_variables_on_the_server(mode: str) -> None:
                                ["value"], w_local.numpy(), atol=1e-5)
     np.testing.assert_allclose(client.pull(f"d-{mode}", np.arange(VOCAB)), local_rows.numpy(),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_expand_group_rows_to_samples(mode: str) -> None:
+    backend = xdl.get_backend("tensorflow")
+    groups = tf.Variable(tf.constant([[1.0, 2.0], [3.0, 4.0]]))
+    indicator = tf.constant([0, 0, 1, 0], tf.int32)
+
+    def expanded(ind: Any) -> Any:
+        with tf.GradientTape() as tape:
+            out = backend.expand(groups, ind)
+            loss = tf.reduce_sum(out)
+        return out, tape.gradient(loss, groups)
+
+    out, grad = run(mode, expanded, indicator)
+    np.testing.assert_array_equal(out.numpy(), [[1, 2], [1, 2], [3, 4], [1, 2]])
+    np.testing.assert_array_equal(dense_grad(grad), [[3, 3], [1, 1]])  # summed per group
