@@ -68,6 +68,8 @@ FIELDS = {
     "step": st.one_of(st.integers(-1, 3), values),
     "phase": st.one_of(st.sampled_from(["stage", "commit", "abort"]), values),
     "dir": st.sampled_from(["/tmp", "x", "../y", "ckpt-000001.tmp"]),
+    "tables": st.one_of(st.lists(NAMES, max_size=3), values),
+    "counts": st.one_of(st.lists(st.integers(0, 5), max_size=3), values),
     "optimizer": st.one_of(st.sampled_from([
         {"kind": "sgd", "lr": 0.1}, {"kind": "adam", "lr": 0.01}, {"kind": "ftrl", "lr": 0.1},
         {"kind": "rmsprop", "lr": 0.1, "centered": True}, {"kind": "momentum", "lr": 0.1}]),
@@ -75,7 +77,6 @@ FIELDS = {
     "initializer": st.one_of(st.sampled_from([{"kind": "zeros"}, {"kind": "normal",
                                                                    "stddev": 0.1}]), values),
 }
-floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 
 
 @st.composite
@@ -86,23 +87,37 @@ def plausible(draw: Any) -> list[bytes]:
               "seq": draw(st.integers(1, 60)),
               "table": draw(st.sampled_from(["emb", "emb", "emb", "fc", "t2"])),
               "name": draw(st.sampled_from(["fc", "fc", "sync", "emb", "d2"]))}
+    n = draw(st.integers(0, 5))
+    if command in (P.PULL_MANY, P.PUSH_MANY):
+        header.update(tables=["emb"], counts=[n])
+    elif command == P.CREATE_TABLE:
+        header.update(table=draw(st.sampled_from(["t2", "t3", "emb"])), dim=draw(
+            st.integers(1, 6)))
+    elif command == P.CREATE_DENSE:
+        header.update(name=draw(st.sampled_from(["d2", "d3", "fc"])), shape=[2, 2])
+    elif command == P.DENSE_PUSH:
+        header.update(step=0)
     for key in draw(st.sets(st.sampled_from(sorted(FIELDS)), max_size=5)):
         header[key] = draw(FIELDS[key])
-    n = draw(st.integers(0, 5))
     dim = draw(st.sampled_from([4, 4, 2]))
     arrays: dict[str, np.ndarray] = {}
     roles = draw(st.sets(st.sampled_from(["ids", "grads", "rows", "grad", "initial"])))
-    if draw(st.integers(0, 9)) < 7:
-        roles.add("ids")
+    if draw(st.integers(0, 9)) < 8:  # mostly the arrays the command needs
+        roles |= {P.PUSH: {"ids", "grads"}, P.PUSH_MANY: {"ids", "grads"},
+                  P.SET_ROWS: {"ids", "rows"}, P.DENSE_PUSH: {"grad"}}.get(command, {"ids"})
     for role in sorted(roles):
         if role == "ids":
             ids = np.array(draw(st.lists(st.integers(-3, 25), min_size=n, max_size=n)),
                            dtype=np.int64)
             arrays[role] = ids.astype(draw(st.sampled_from(["<i8", "<i8", "<i4", "<u8"])))
         else:
-            shape = {"grads": (n, dim), "rows": (n, dim)}.get(role) or draw(
+            flat_grads = command == P.PUSH_MANY and role == "grads"
+            shape = {"grads": (n * dim,) if flat_grads else (n, dim),
+                     "rows": (n, dim)}.get(role) or draw(
                 st.sampled_from([(3, 2), (2,), (2, 2), (1,)]))
-            flat = draw(st.lists(floats32, min_size=math.prod(shape), max_size=math.prod(shape)))
+            bad = draw(st.integers(0, 3)) == 0  # NaN and Inf in one array of four
+            elements = st.floats(width=32, allow_nan=bad, allow_infinity=bad)
+            flat = draw(st.lists(elements, min_size=math.prod(shape), max_size=math.prod(shape)))
             arrays[role] = np.array(flat, dtype=draw(st.sampled_from(["<f4", "<f4", "<f8"]))
                                     ).reshape(shape)
     frames = [bytes(memoryview(f)) for f in codec.encode(command, header, arrays)]

@@ -68,6 +68,9 @@ def seeds() -> list[bytes]:
         request(P.DENSE_PULL, {"name": "fc", "min_version": 0}),
         request(P.DENSE_PUSH, {"name": "fc"}, {"grad": np.ones((3, 2), np.float32)}),
         request(P.DENSE_PUSH, {"name": "sync", "step": 0}, {"grad": np.ones(2, np.float32)}),
+        request(P.PULL_MANY, {"tables": ["emb"], "counts": [4]}, {"ids": ids}),
+        request(P.PUSH_MANY, {"tables": ["emb"], "counts": [4]},
+                {"ids": ids, "grads": np.ones(16, np.float32)}),
         request(P.STATS, {}),
         request(P.LOAD, {"dir": "x", "phase": "abort"}),
     ]
