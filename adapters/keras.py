@@ -443,7 +443,11 @@ class KerasAdapter(LayerAdapter):
         optimizer = getattr(model, "optimizer", None)
         if optimizer is not None and (getattr(optimizer, "built", False)
                                       or getattr(optimizer, "_built", False)):
-            model.optimizer = type(optimizer).from_config(optimizer.get_config())
+            fresh = type(optimizer).from_config(optimizer.get_config())
+            build = getattr(fresh, "build", None)
+            if callable(build):  # built for the new variables: model.save writes its slots
+                build(model.trainable_variables)
+            model.optimizer = fresh
             if any(isinstance(layer, DistributedEmbedding)
                    for _, layer in self.named_layers(model)):
                 warnings.warn(
