@@ -249,3 +249,29 @@ def test_expand_group_rows_to_samples(mode: str) -> None:
     out, grad = run(mode, expanded, indicator)
     np.testing.assert_array_equal(out.numpy(), [[1, 2], [1, 2], [3, 4], [1, 2]])
     np.testing.assert_array_equal(dense_grad(grad), [[3, 3], [1, 1]])  # summed per group
+
+
+def test_tf_wrapper_tables_argument_and_predict() -> None:
+    """Arguments named in ``tables`` arrive as ids (bags as ``(ids, offsets)``); the
+    function gets their embeddings; ``predict`` updates nothing."""
+    client = FakeClient()
+    seen: list[Any] = []
+
+    @xdl.tf_wrapper(client, tables={"bag": xdl.Lookup("named", combiner="mean", dim=DIM,
+                                                       initializer=INIT, seed=3),
+                                    "one": xdl.Lookup("named", dim=DIM)}, graph=False)
+    def fn(bag: Any, one: Any, scale: float) -> Any:
+        seen.append((bag, one))
+        return tf.reduce_sum(bag) * scale + tf.reduce_sum(one), bag
+
+    ids, offsets = np.array([4, 6, 6, 9]), np.array([0, 1])
+    _, bag = fn.predict(bag=(ids, offsets), one=np.array([[4]]), scale=2.0)
+    np.testing.assert_allclose(bag.numpy(), [rows()[4], (2 * rows()[6] + rows()[9]) / 3],
+                               rtol=1e-6)
+    assert seen[-1][1].shape == (1, 1, DIM)
+    fn.wait_pushes()
+    assert client.pushes == []  # predict trains nothing
+    fn(bag=(ids, offsets), one=np.array([[4]]), scale=2.0)
+    fn.close()
+    ((_, pushed_ids, _),) = client.pushes  # both lookups of the table: one push
+    assert sorted(pushed_ids.tolist()) == [4, 6, 9]
