@@ -34,8 +34,7 @@ import numpy as np
 import zmq
 
 from . import codec
-from . import protocol as P
-from .errors import ServerUnavailableError, XdlError, error_from_code
+from .errors import ServerUnavailableError, ShardRestartedError, XdlError, error_from_code
 from .security import ClientKeys
 
 log = logging.getLogger("xdl.client")
@@ -64,6 +63,8 @@ class _Pending:
     table: str | None
     sent_at: float
     attempts: int = 0
+    #: the shard process's boot id the frames are stamped with (None: not stamped)
+    boot: str | None = None
 
 
 @dataclass
@@ -144,6 +145,7 @@ class Transport:
         self._poller.register(conn.socket, zmq.POLLIN)
         for seq in sorted(conn.pending):
             p = conn.pending[seq]
+            self._stamp(conn, p)
             p.attempts += 1
             p.sent_at = time.monotonic()
             conn.socket.send_multipart(p.frames, copy=False)
@@ -208,11 +210,14 @@ class Transport:
                 raise XdlError("client is closed")
             seq = next(self._seq)
             h = {"cid": self.client_id, "inc": self.incarnation, "seq": seq, **header}
+            boot = self.conns[k].boot  # checked again when sent (see _stamp)
+            if boot is not None:
+                h["boot"] = boot
             frames = codec.encode(command, h, arrays)
             if asynchronous:  # before it can be sent: its reply may come at once
                 self.conns[k].orphans.add(seq)
             self._outbox.append(_Queued(k, seq, _Pending(
-                frames, command, label if isinstance(label, str) else None, 0.0)))
+                frames, command, label if isinstance(label, str) else None, 0.0, boot=boot)))
         return seq
 
     def _flush(self) -> None:
@@ -220,6 +225,7 @@ class Transport:
         while self._outbox:
             q = self._outbox.popleft()
             conn = self.conns[q.shard]
+            self._stamp(conn, q.pending)
             q.pending.sent_at = time.monotonic()
             conn.pending[q.seq] = q.pending
             conn.socket.send_multipart(q.pending.frames, copy=False)
@@ -242,6 +248,9 @@ class Transport:
             if t is None or t.closed:
                 return
             wake.clear()
+            if not t._outbox:  # a thread that waited or sent took the queue along
+                del t
+                continue
             try:
                 with t.lock:
                     if not t.closed:
@@ -280,8 +289,18 @@ class Transport:
         boot = header.get("boot")
         if isinstance(boot, str) and boot != conn.boot:
             known, conn.boot = conn.boot, boot
-            if known is not None and self._restarted(conn, seq, header):
-                return
+            if known is not None:
+                self._restarted(conn, header)
+        if header.get("code") == ShardRestartedError.code:
+            # sent before this client knew of the shard's new process: not run there.
+            # It was resent, stamped, when the new boot id was seen; if it was stamped
+            # with an old one since (a third process), resend it now.
+            q = conn.pending.get(seq)
+            if q is not None and q.boot != conn.boot:
+                self._stamp(conn, q)
+                q.sent_at = time.monotonic()
+                conn.socket.send_multipart(q.frames, copy=False)
+            return
         p = conn.pending.pop(seq, None)
         if p is None:
             return  # a late duplicate of something already answered
@@ -292,29 +311,37 @@ class Transport:
             return
         conn.done[seq] = (header, arrays)
 
-    def _restarted(self, conn: ShardConnection, seq: int, header: dict[str, Any]) -> bool:
-        """A reply came from a new shard process: resend what the old one left unanswered.
+    def _restarted(self, conn: ShardConnection, header: dict[str, Any]) -> None:
+        """A reply came from a new shard process: resend, in order, what is unanswered.
 
-        Requests older than ``seq`` still unanswered went to the old process: resend them
-        now (a mutating one that its write-ahead log kept is answered as a duplicate).
-        A read answered before those resends could miss them, so it is dropped and sent
-        again after them; returns whether this reply was dropped.
+        Requests in flight when the old process died are lost; later ones, stamped with
+        the old boot id, are refused by the new process without being run
+        (``RESTARTED``). Resending every unanswered request in seq order, stamped with
+        the new id, lets the shard apply them in order: a push its write-ahead log kept
+        is answered as a duplicate, none is overtaken and then taken for one.
         """
         conn.restarts += 1
-        older = sorted(s for s in conn.pending if s < seq)
-        p = conn.pending.get(seq)
-        drop = (p is not None and p.command not in P.MUTATING
-                and any(conn.pending[s].command in P.MUTATING for s in older))
         log.warning("shard %s restarted (boot %s); %s; resending %d unanswered requests",
                     conn.endpoint, header.get("boot"),
                     "its write-ahead log kept every change it acknowledged" if header.get("wal")
                     else "it has no write-ahead log: changes it acknowledged since its last "
-                         "checkpoint are lost", len(older) + drop)
-        for s in older + ([seq] if drop else []):
+                         "checkpoint are lost", len(conn.pending))
+        now = time.monotonic()
+        for s in sorted(conn.pending):
             q = conn.pending[s]
-            q.sent_at = time.monotonic()
+            self._stamp(conn, q)
+            q.sent_at = now
             conn.socket.send_multipart(q.frames, copy=False)
-        return drop
+
+    @staticmethod
+    def _stamp(conn: ShardConnection, p: _Pending) -> None:
+        """Stamp ``p``'s frames with the boot id of ``conn``'s shard process, if it changed."""
+        if conn.boot is None or p.boot == conn.boot:
+            return
+        header = codec.unpackb(memoryview(p.frames[2]))
+        header["boot"] = conn.boot
+        p.frames = [p.frames[0], p.frames[1], codec.packb(header), *p.frames[3:]]
+        p.boot = conn.boot
 
     @staticmethod
     def _error(conn: ShardConnection, p: _Pending | None, header: dict[str, Any]) -> XdlError:
