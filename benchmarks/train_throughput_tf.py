@@ -49,9 +49,9 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def wrapper_rounds(client: Any, data: Any, batches: list[din.Batch], per_round: int,
-                   rounds: int) -> tuple[list[float], list[float]]:
+                   rounds: int, sync_push: bool = True) -> tuple[list[float], list[float]]:
     """Seconds per round of the server and the local wrapper runner."""
-    server = din.server_runner(client, data, name="server")
+    server = din.server_runner(client, data, name="server", sync_push=sync_push)
     local = din.local_runner(data)
 
     def run(runner: din.Runner, chunk: list[din.Batch]) -> None:
@@ -74,13 +74,13 @@ def wrapper_rounds(client: Any, data: Any, batches: list[din.Batch], per_round: 
 
 
 def keras_rounds(client: Any, data: Any, rows: np.ndarray, batch_size: int, per_round: int,
-                 rounds: int) -> tuple[list[float], list[float]]:
+                 rounds: int, sync_push: bool = True) -> tuple[list[float], list[float]]:
     """Seconds per round of ``fit`` on the swapped and on the local Keras DIN."""
     keras = din.keras
     local = din.build_keras(data)
     server = xdl.swap(din.build_keras(data), client,
                       optimizer=din.server_optimizer(din.adagrad()),
-                      prefix=f"bench{batch_size}.")
+                      prefix=f"bench{batch_size}.", sync_push=sync_push)
     loss = keras.losses.BinaryCrossentropy(from_logits=True)
     for model in (local, server):
         model.compile(optimizer=din.adagrad(), loss=loss)
@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="TensorFlow intra- and inter-op threads of both runs")
     ap.add_argument("--keras", action="store_true", help="also the Keras fit pair")
+    ap.add_argument("--async-push", action="store_true",
+                    help="server runs with sync_push=False: a pull does not wait for the "
+                         "acknowledgement of the table's previous push (a shard applies a "
+                         "client's requests in order, so the pull still sees it)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--strict", action="store_true",
                     help=f"exit 1 when a ratio is below {TARGET_RATIO}")
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     n_train = len(data.train["label"])
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     print(f"TensorFlow DIN, MovieLens-100k, {args.rounds} rounds x {args.batches} steps, "
-          f"{args.shards} local shards, {args.threads} TF threads, load average "
+          f"{args.shards} local shards, {args.threads} TF threads, "
+          f"{'async' if args.async_push else 'sync'} pushes, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     ratios = []
     with xdl.connect(local_shards=args.shards) as client:
@@ -152,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                                       rows[i * batch_size:(i + 1) * batch_size])
                        for i in range(steps)]
             server_s, local_s = wrapper_rounds(client, data, batches, args.batches,
-                                               args.rounds)
+                                               args.rounds, not args.async_push)
             ratios.append(report("wrapper", batch_size, args.batches, server_s, local_s))
             if args.keras:
                 server_s, local_s = keras_rounds(client, data, rows, batch_size, args.batches,
-                                                 args.rounds)
+                                                 args.rounds, not args.async_push)
                 ratios.append(report("keras", batch_size, args.batches, server_s, local_s))
     return 1 if args.strict and min(ratios) < TARGET_RATIO else 0
 
