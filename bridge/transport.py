@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -125,7 +126,9 @@ class Transport:
         # order, which the shards' exactly-once filter relies on.
         self._outbox: deque[_Queued] = deque()
         self._order_lock = threading.Lock()
-        self._wake = threading.Event()
+        # wakes the sender thread; a SimpleQueue's put never waits for a lock (an Event's
+        # set can, and then lets go of the GIL)
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._sender: threading.Thread | None = None
         self._finalizer = weakref.finalize(self, Transport._finalize, self.ctx, self.conns)
 
@@ -167,7 +170,7 @@ class Transport:
         """
         with self.lock:
             self.closed = True
-        self._wake.set()
+        self._wake.put(None)
         sender = self._sender
         if sender is not None and sender is not threading.current_thread():
             sender.join(5.0)
@@ -199,7 +202,7 @@ class Transport:
         seq = self._enqueue(k, command, header, arrays, asynchronous=True)
         if self._sender is None:
             self._start_sender()
-        self._wake.set()
+        self._wake.put(None)
         return seq
 
     def _enqueue(self, k: int, command: bytes, header: Mapping[str, Any],
@@ -239,15 +242,20 @@ class Transport:
                 self._sender.start()
 
     @staticmethod
-    def _send_queued(ref: weakref.ReferenceType[Transport], wake: threading.Event) -> None:
+    def _send_queued(ref: weakref.ReferenceType[Transport], wake: queue.SimpleQueue[None]
+                     ) -> None:
         # the sender thread: holds the transport only while it sends, so that an
         # unclosed transport can still be collected
         while True:
-            wake.wait(1.0)
+            try:
+                wake.get(timeout=1.0)
+                while True:  # one pass sends everything queued so far
+                    wake.get_nowait()
+            except queue.Empty:
+                pass
             t = ref()
             if t is None or t.closed:
                 return
-            wake.clear()
             if not t._outbox:  # a thread that waited or sent took the queue along
                 del t
                 continue
