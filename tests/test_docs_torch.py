@@ -28,6 +28,7 @@ def test_doc_code_blocks_run(name: str, blocks: int, tmp_path: Path,
     assert len(code) == blocks  # a block that stops being ```python is not silently skipped
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": f"docs.{path.stem}"}
+    before = set(threading.enumerate())
     plugins.reset_plugin_manager()
     try:
         for i, block in enumerate(code):
@@ -37,4 +38,5 @@ def test_doc_code_blocks_run(name: str, blocks: int, tmp_path: Path,
         if client is not None:
             client.close()  # type: ignore[attr-defined]
         plugins.reset_plugin_manager()
-    assert not [t for t in threading.enumerate() if t.name.startswith("xdl-prefetch")]
+    started = set(threading.enumerate()) - before  # other tests' threads are theirs
+    assert not [t for t in started if t.name.startswith("xdl-prefetch")]
