@@ -228,9 +228,19 @@ def server_runner(client: Any, data: datasets.DinData, *, lr: float = LR,
                   lambda b: din.prefetch(**inputs(b)), din.close)
 
 
+def summed_slices(grad: Any) -> Any:
+    """A table's ``IndexedSlices`` gradient with each id once, its occurrences summed:
+    the sparse update the server makes (Keras 3's optimizers would apply a repeated id
+    once per occurrence)."""
+    unique, position = tf.unique(grad.indices)
+    values = tf.math.unsorted_segment_sum(grad.values, position, tf.size(unique))
+    return tf.IndexedSlices(values, unique, grad.dense_shape)
+
+
 def local_runner(data: datasets.DinData, *, lr: float = LR) -> Runner:
     """The same model function with local ``tf.Variable`` tables (rows as the server's)
-    and the same optimizer, in one ``tf.function`` step."""
+    and the same optimizer, sparse updates of the rows a step touches, in one
+    ``tf.function`` step."""
     model_fn = din_model_fn()
     tables = {t: tf.Variable(initial_rows(data, t), name=t) for t in TABLES}
     sparse_opt, dense_opt = adagrad(lr), adagrad(lr)
@@ -249,9 +259,7 @@ def local_runner(data: datasets.DinData, *, lr: float = LR) -> Runner:
         dense = [v for v in tape.watched_variables()
                  if v.trainable and all(v is not t for t in sparse)]
         grads = tape.gradient(loss, sparse + dense)
-        # repeated ids' gradients summed first, as on the server (Keras 3 would apply
-        # IndexedSlices once per occurrence)
-        sparse_opt.apply_gradients(zip([tf.convert_to_tensor(g) for g in grads[:3]], sparse,
+        sparse_opt.apply_gradients(zip([summed_slices(g) for g in grads[:3]], sparse,
                                        strict=True))
         dense_opt.apply_gradients(zip(grads[3:], dense, strict=True))
         return loss
