@@ -56,7 +56,7 @@ class Dispatcher:
         self.handlers = dict(handlers)
         self._logged: set[tuple[str, str, str]] = set()
         #: called as ``journal(frames, request, ok)`` after a request ran (not a resend),
-        #: before its reply: the write-ahead log (:class:`xdl.server.wal.Durability`)
+        #: before its reply: the write-ahead log (:class:`xdl.server.durability.Durability`)
         self.journal: Callable[[list[Any], Request, bool], None] | None = None
 
     def handle(self, frames: list[Any], respond: Respond) -> None:

@@ -21,9 +21,9 @@ from xdl.sharding import first_outside
 
 from . import checkpoint
 from .admin import under_root
+from .durability import Durability
 from .shard import Shard
 from .table import SparseTable
-from .wal import Durability
 
 log = logging.getLogger("xdl.server")
 
@@ -62,7 +62,7 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
 
     Prints ``XDL-READY <endpoint>`` on stdout once the kernels are compiled, the socket
     is bound (``tcp://127.0.0.1:0`` binds a free port and prints it) and the state is
-    recovered from the write-ahead log in ``wal_dir`` (see :mod:`xdl.server.wal`).
+    recovered from the write-ahead log in ``wal_dir`` (see :mod:`xdl.server.durability`).
     With ``security``, the socket speaks CurveZMQ (see :mod:`xdl.security`).
     """
     state = Shard(shard, num_shards, max_request_bytes, checkpoint_root=checkpoint_root)

@@ -13,6 +13,7 @@ import pytest
 from xdl import codec
 from xdl import protocol as P
 from xdl.errors import CheckpointError, DiskFullError, InvalidArgumentError
+from xdl.server import durability as D
 from xdl.server import wal as W
 
 
@@ -101,7 +102,7 @@ def test_corruption_before_the_last_segment_refuses_to_open(tmp_path: Any) -> No
         again.recovered()
     shard = FakeShard()
     with pytest.raises(CheckpointError, match="corrupt"):  # recovery refuses to go on
-        W.ShardJournal(again).recover(shard.load, shard.replay)
+        D.ShardJournal(again).recover(shard.load, shard.replay)
     again.close()
     other = W.WriteAheadLog(str(tmp_path / "gap"), segment_bytes=1)
     for i in range(1, 4):
@@ -159,7 +160,7 @@ def test_fsync_policies_parse() -> None:
 
 def test_group_commit_holds_replies_until_synced(tmp_path: Any) -> None:
     log = W.WriteAheadLog(str(tmp_path), fsync="every")
-    gate = W.ReplyGate(log)
+    gate = D.ReplyGate(log)
     sent: list[Any] = []
     gate.send(sent.append, ["before"])  # nothing unsynced: goes at once
     assert sent == [["before"]]
@@ -176,7 +177,7 @@ def test_group_commit_holds_replies_until_synced(tmp_path: Any) -> None:
 
 def test_an_interval_waits_for_its_deadline(tmp_path: Any) -> None:
     log = W.WriteAheadLog(str(tmp_path), fsync="60000")
-    gate = W.ReplyGate(log)
+    gate = D.ReplyGate(log)
     sent: list[Any] = []
     log.append(W.REQ, push_frames(1))
     gate.send(sent.append, ["ack"])
@@ -192,7 +193,7 @@ def test_background_group_commit_sends_each_reply_once_its_record_is_durable(
     import select
 
     log = W.WriteAheadLog(str(tmp_path), fsync="every", background=True)
-    gate = W.ReplyGate(log)
+    gate = D.ReplyGate(log)
     sent: list[tuple[str, int]] = []
 
     def send(frames: list[Any]) -> None:
@@ -216,7 +217,7 @@ def test_background_group_commit_sends_each_reply_once_its_record_is_durable(
 
 def test_no_fsync_acknowledges_at_once(tmp_path: Any) -> None:
     log = W.WriteAheadLog(str(tmp_path), fsync="none")
-    gate = W.ReplyGate(log)
+    gate = D.ReplyGate(log)
     sent: list[Any] = []
     log.append(W.REQ, push_frames(1))
     gate.send(sent.append, ["ack"])
@@ -251,7 +252,7 @@ def publish(save_dir: str) -> str:
 def test_recovery_starts_at_the_newest_committed_checkpoint(tmp_path: Any) -> None:
     wdir, root = str(tmp_path / "wal"), tmp_path / "ckpt"
     root.mkdir()
-    j = W.ShardJournal(W.WriteAheadLog(wdir, segment_bytes=1 << 20))
+    j = D.ShardJournal(W.WriteAheadLog(wdir, segment_bytes=1 << 20))
     j.record_base(str(root / "start"))
     j.record_request(push_frames(1))
     j.record_save(str(root / "ckpt-000001.tmp"), {"c": [1, 1]})
@@ -265,7 +266,7 @@ def test_recovery_starts_at_the_newest_committed_checkpoint(tmp_path: Any) -> No
     j.wal.close()
 
     shard = FakeShard()
-    j2 = W.ShardJournal(W.WriteAheadLog(wdir))
+    j2 = D.ShardJournal(W.WriteAheadLog(wdir))
     report = j2.recover(shard.load, shard.replay)
     assert shard.loaded == [(final, {"c": [1, 1]})]  # this shard's own marks
     assert shard.replayed == [2, 3]
@@ -276,17 +277,17 @@ def test_recovery_starts_at_the_newest_committed_checkpoint(tmp_path: Any) -> No
     j2.record_request(push_frames(4))
     j2.wal.close()
     shard = FakeShard()
-    W.ShardJournal(W.WriteAheadLog(wdir)).recover(shard.load, shard.replay)
+    D.ShardJournal(W.WriteAheadLog(wdir)).recover(shard.load, shard.replay)
     assert shard.loaded[0][1] == {"c": [1, 2]} and shard.replayed == [3, 4]
 
 
 def test_recovery_without_checkpoint_replays_everything(tmp_path: Any) -> None:
-    j = W.ShardJournal(W.WriteAheadLog(str(tmp_path)))
+    j = D.ShardJournal(W.WriteAheadLog(str(tmp_path)))
     for i in range(1, 4):
         j.record_request(push_frames(i))
     j.wal.close()
     shard = FakeShard()
-    j2 = W.ShardJournal(W.WriteAheadLog(str(tmp_path)))
+    j2 = D.ShardJournal(W.WriteAheadLog(str(tmp_path)))
     report = j2.recover(shard.load, shard.replay)
     assert shard.loaded == [] and shard.replayed == [1, 2, 3] and report.base is None
     j2.record_request(push_frames(9))  # replay is not logged again; new requests are
@@ -320,7 +321,7 @@ class LoggedShard:
         from xdl.server.shard import Shard
 
         self.shard = Shard(0, num_shards, checkpoint_root=root)
-        self.durable = W.Durability.open(self.shard, wal_dir, "every", background=False)
+        self.durable = D.Durability.open(self.shard, wal_dir, "every", background=False)
 
     def __call__(self, seq: int, command: bytes, header: dict[str, Any],
                  arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
