@@ -242,6 +242,9 @@ class Durability:
         self.gate = ReplyGate(wal)
         self.journal = ShardJournal(wal) if wal is not None else None
         self.boot = os.urandom(8).hex()
+        # msgpack of the request field naming this process, and of the two reply fields
+        self._own_boot = codec.packb("boot") + codec.packb(self.boot)
+        self._stamp = self._own_boot + codec.packb("wal") + codec.packb(wal is not None)
         self.report = RecoveryReport()
         self.failed = False
         self._last_trim = time.monotonic()
@@ -339,8 +342,11 @@ class Durability:
         """
         if len(frames) < 3:
             return None
+        raw = bytes(bytes_of(frames[2]))
+        if self._own_boot in raw:  # names this process (the common case): no decoding
+            return None
         try:
-            header = codec.unpackb(bytes_of(frames[2]))
+            header = codec.unpackb(raw)
         except Exception:  # malformed: the dispatcher says what is wrong
             return None
         boot = header.get("boot") if isinstance(header, dict) else None
@@ -361,11 +367,24 @@ class Durability:
     def send(self, send: Callable[[list[Any]], None], frames: list[Any]) -> None:
         """Stamp the boot id on a reply and send it once what it follows is durable."""
         if len(frames) >= 3:
-            header = codec.unpackb(bytes_of(frames[2]))
-            header["boot"] = self.boot
-            header["wal"] = self.wal is not None
-            frames = [frames[0], frames[1], codec.packb(header), *frames[3:]]
+            frames = [frames[0], frames[1], self._stamped(bytes(bytes_of(frames[2]))),
+                      *frames[3:]]
         self.gate.send(send, frames)
+
+    def _stamped(self, header: bytes) -> bytes:
+        # A reply header is a msgpack map the shard built: add the two fields by raising
+        # its entry count and appending them (fixmap or map16), else decode and re-encode.
+        first = header[0] if header else 0
+        if 0x80 <= first <= 0x8D:  # fixmap of at most 13 entries: 2 more still fit
+            return bytes([first + 2]) + header[1:] + self._stamp
+        if first == 0xDE and len(header) >= 3:
+            n = int.from_bytes(header[1:3], "big")
+            if n <= 0xFFFD:
+                return b"\xde" + (n + 2).to_bytes(2, "big") + header[3:] + self._stamp
+        fields = codec.unpackb(header)
+        fields["boot"] = self.boot
+        fields["wal"] = self.wal is not None
+        return codec.packb(fields)
 
     def timeout_ms(self, idle_ms: int) -> int:
         """How long the loop may block in poll."""

@@ -462,3 +462,20 @@ def test_a_request_meant_for_the_previous_process_is_refused_unrun(tmp_path: Any
     assert h["ok"] is False and h["code"] == "RESTARTED" and h["seq"] == 5
     assert d.refusal([P.MAGIC, P.PUSH, b"\xc1"]) is None  # malformed: the dispatcher's job
     d.close()
+
+
+@pytest.mark.parametrize("extra", [0, 11, 12, 20])  # fixmap (to 13 entries), map16
+def test_every_reply_carries_the_boot_id_and_its_fields(tmp_path: Any, extra: int) -> None:
+    from xdl.server.shard import Shard
+
+    d = D.Durability(Shard())
+    fields = {"ok": True, "seq": 9, **{f"k{i}": i for i in range(extra)}}
+    reply = codec.encode(P.PULL, fields, {"rows": np.ones((2, 3), np.float32)})
+    out: list[Any] = []
+    d.send(out.append, reply)
+    _, h, arrays = codec.decode([bytes(memoryview(f)) for f in out[0]])
+    assert h["boot"] == d.boot and h["wal"] is False
+    assert {k: h[k] for k in fields} == fields
+    np.testing.assert_array_equal(arrays["rows"], np.ones((2, 3), np.float32))
+    assert d.refusal([bytes(memoryview(f)) for f in codec.encode(
+        P.PING, {"cid": "c", "inc": 1, "seq": 1, "boot": d.boot})]) is None
