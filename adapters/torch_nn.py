@@ -166,6 +166,14 @@ class TorchEmbeddingAdapter(LayerAdapter):
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, leaf, new)
 
+    def finish(self, model: Any) -> Any:
+        """After ``swap``: batch each step's lookups into one pull (:class:`StepPull`, a
+        forward pre-hook on ``model``); after ``unswap``: remove that hook."""
+        StepPull.uninstall(model)
+        if any(True for _ in _modules().iter_distributed(model)):
+            StepPull.install(model)
+        return model
+
     def rewire(self, model: Any, old: Any, new: Any, path: str) -> list[str]:
         """Drop the replaced weight from every ``torch.optim`` optimizer's param groups (and
         state); name other lists or tuples that still hold it (a regularizer's list)."""
@@ -282,6 +290,179 @@ def _learned_prefetch(model: nn.Module, batches: Iterable[T], mods: Any,
         iterator,
         lambda b: prefetch_many([(module.remote, _leaf(b, path)) for module, path in routes],
                                 exact=exact))
+
+
+# ------------------------------------------------------------- one pull per step
+
+
+def _tensor_leaves(args: Any, kwargs: Mapping[str, Any], torch: Any
+                   ) -> list[tuple[tuple[Any, ...], Any]]:
+    leaves = list(_leaves((tuple(args), dict(kwargs))))
+    return [(path, leaf) for path, leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _route(ids: Any, leaves: list[tuple[tuple[Any, ...], Any]], torch: Any
+           ) -> tuple[tuple[Any, ...], str, Any] | None:
+    """How ``ids`` (what a distributed module received) derives from the model's input:
+    ``(leaf path, "same" | "view" | "cols", detail)``, or None."""
+    for path, leaf in leaves:
+        if leaf is ids:
+            return path, "same", None
+    for path, leaf in leaves:  # a view of an input (a column slice, a reshape)
+        if (leaf.device == ids.device and leaf.dtype == ids.dtype and ids.numel()
+                and leaf.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()):
+            return path, "view", (tuple(ids.size()), tuple(ids.stride()), ids.storage_offset())
+    if ids.dim() not in (1, 2) or ids.numel() == 0 or ids.is_floating_point():
+        return None
+    width = 1 if ids.dim() == 1 else ids.shape[1]
+    for path, leaf in leaves:  # columns of a 2-D input, cast (DeepCTR: X[:, a:b].long())
+        if leaf.dim() != 2 or leaf.shape[0] != ids.shape[0] or leaf.shape[1] < width:
+            continue
+        as_long = leaf.detach().to(torch.int64)
+        cols = ids.reshape(ids.shape[0], width).to(as_long.device)
+        first = (as_long[:, :leaf.shape[1] - width + 1] == cols[:, :1]).all(0)
+        for start in first.nonzero().flatten().tolist():
+            if torch.equal(as_long[:, start:start + width], cols):
+                return path, "cols", (start, width, ids.dim() == 1)
+    return None
+
+
+def _ids_of(leaf: Any, kind: str, detail: Any, torch: Any) -> Any:
+    if kind == "same":
+        return leaf
+    if kind == "view":
+        size, stride, offset = detail
+        return leaf.as_strided(size, stride, offset)
+    start, width, flat = detail
+    ids = leaf[:, start:start + width]
+    ids = ids if not ids.is_floating_point() else ids.to(torch.int64)
+    return ids.reshape(-1) if flat else ids
+
+
+class StepPull:
+    """One pull per step for a swapped model: every table the forward will look up is
+    pulled at its start with one ``client.pull_many`` (one request per shard for every
+    table; a table looked up several times pulled once), instead of one round trip per
+    lookup.
+
+    ``xdl.swap`` installs it on the model (a forward pre-hook); nothing in the model or
+    its training loop changes. On the first forward it learns how each distributed
+    module's ids derive from the model's inputs: the input itself, a view of it, or
+    columns of a 2-D input cast to integers (DeepCTR-torch's ``X[:, a:b].long()``). From
+    then on it takes those ids from each forward's inputs and prefetches them
+    (:func:`xdl.lookup.prefetch_many`, exact: it waits for the previous step's pushes).
+    A lookup whose ids it could not derive, or that turn out different, pulls as
+    before; a prefetch no lookup consumed is dropped at the next forward. It stands
+    aside while the user's own prefetch (:func:`prefetch`) feeds the tables.
+    """
+
+    _ATTR = "_xdl_step_pull"
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self._torch = torch
+        self.model = model
+        self.routes: list[tuple[Any, tuple[Any, ...], str, Any]] | None = None
+        self._seen: list[tuple[Any, Any]] = []
+        self._recorders: list[Any] = []
+        self._issued: list[tuple[RemoteTable, object]] = []
+        self._depth = 0
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
+
+    @classmethod
+    def install(cls, model: Any) -> StepPull:
+        """Install on ``model`` (replacing an earlier one)."""
+        cls.uninstall(model)
+        step = cls(model)
+        object.__setattr__(model, cls._ATTR, step)
+        return step
+
+    @classmethod
+    def uninstall(cls, model: Any) -> None:
+        """Remove it from ``model`` (no-op when absent)."""
+        step = model.__dict__.pop(cls._ATTR, None)
+        if step is not None:
+            step.remove()
+
+    @classmethod
+    def of(cls, model: Any) -> StepPull | None:
+        """The one installed on ``model``, if any."""
+        return model.__dict__.get(cls._ATTR)  # type: ignore[no-any-return]
+
+    def remove(self) -> None:
+        """Remove the hooks and drop what was prefetched and not consumed."""
+        for handle in self._handles + self._recorders:
+            handle.remove()
+        self._handles, self._recorders = [], []
+        self._drop_unused()
+
+    @property
+    def routed(self) -> int:
+        """Number of lookups per forward pulled together (after the first forward)."""
+        return 0 if self.routes is None else len(self.routes)
+
+    def _drop_unused(self) -> None:
+        issued, self._issued = self._issued, []
+        by_remote: dict[int, tuple[RemoteTable, list[object]]] = {}
+        for remote, handle in issued:
+            by_remote.setdefault(id(remote), (remote, []))[1].append(handle)
+        for remote, handles in by_remote.values():
+            remote.discard_prefetches(handles)
+
+    def _before(self, model: Any, args: Any, kwargs: Any) -> None:
+        self._depth += 1
+        if self._depth > 1:  # the model calling itself
+            return
+        self._drop_unused()
+        if self.routes is None:
+            self._learn_start()
+            return
+        if not self.routes:
+            return
+        leaves = dict(_tensor_leaves(args, kwargs, self._torch))
+        requests = []
+        for module, path, kind, detail in self.routes:
+            leaf = leaves.get(path)
+            if leaf is None:
+                continue
+            remote = module.remote
+            if remote.pending_prefetches:  # the user's prefetch feeds this table
+                return
+            requests.append((remote, _ids_of(leaf, kind, detail, self._torch)))
+        if requests:
+            handles = prefetch_many(requests)
+            self._issued = [(remote, h) for (remote, _), h in zip(requests, handles,
+                                                                    strict=True)]
+
+    def _after(self, model: Any, args: Any, kwargs: Any, output: Any) -> None:
+        self._depth -= 1
+        if self._depth or self.routes is not None:
+            return
+        for handle in self._recorders:
+            handle.remove()
+        self._recorders = []
+        leaves = _tensor_leaves(args, kwargs, self._torch)
+        routes = []
+        for module, ids in self._seen:
+            if isinstance(ids, self._torch.Tensor):
+                found = _route(ids, leaves, self._torch)
+                if found is not None:
+                    routes.append((module, *found))
+        self._seen = []
+        self.routes = routes if len(routes) > 1 else []  # one lookup: nothing to batch
+
+    def _learn_start(self) -> None:
+        modules = {id(m): m for _, m in _modules().iter_distributed(self.model)}
+        seen = self._seen = []
+
+        def record(module: Any, args: Any) -> None:
+            if args:
+                seen.append((module, args[0]))
+
+        self._recorders = [m.register_forward_pre_hook(record) for m in modules.values()]
 
 
 @hookimpl

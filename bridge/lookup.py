@@ -381,8 +381,9 @@ class RemoteTable:
 
     # -- prefetch ------------------------------------------------------------------------
 
-    def prefetch(self, ids: Any, *, exact: bool = True) -> None:
-        """Pull the rows of ``ids`` (a coming batch) in a background thread.
+    def prefetch(self, ids: Any, *, exact: bool = True) -> object:
+        """Pull the rows of ``ids`` (a coming batch) in a background thread; returns a
+        handle for :meth:`discard_prefetches`.
 
         The next lookup whose unique ids equal these uses the prefetched rows instead
         of pulling (a layer called several times per step takes one prefetch per call).
@@ -407,7 +408,22 @@ class RemoteTable:
             pending = [e.unique for e in self._prefetched] if exact else []
             future = self._prefetch_executor().submit(self._pull_after_pushes, unique, exact,
                                                       pending)
-            self._add_prefetched(_Prefetched(unique, future, exact))
+            entry = _Prefetched(unique, future, exact)
+            self._add_prefetched(entry)
+        return entry
+
+    def discard_prefetches(self, handles: Sequence[object]) -> int:
+        """Forget the prefetches of ``handles`` (from :meth:`prefetch` or
+        :func:`prefetch_many`) that no lookup has consumed; returns how many were dropped.
+        An unconsumed exact prefetch is re-pulled after every push of the table, so a
+        caller that prefetched for a lookup that did not happen drops it here."""
+        wanted = {id(h) for h in handles}
+        with self._prefetch_lock:
+            kept = [e for e in self._prefetched if id(e) not in wanted]
+            dropped = len(self._prefetched) - len(kept)
+            if dropped:
+                self._prefetched = deque(kept)
+        return dropped
 
     def _prefetch_executor(self) -> ThreadPoolExecutor:
         with self._prefetch_lock:
@@ -515,7 +531,8 @@ class RemoteTable:
         self.wait_pushes()
 
 
-def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = True) -> None:
+def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *,
+                  exact: bool = True) -> list[object]:
     """Prefetch several lookups at once: ``[(remote table, ids), ...]`` of a coming batch.
 
     Lookups on one client are pulled together, in the background, with one
@@ -525,24 +542,30 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = 
     rows are exact as there: each table's push mark is taken before the pull, and every
     later push of the table re-pulls the prefetched rows it touched. A client without
     ``pull_many``, or a single lookup, goes through :meth:`RemoteTable.prefetch`.
+
+    Returns one handle per request, in order (for :meth:`RemoteTable.discard_prefetches`).
     """
-    groups: dict[int, list[tuple[RemoteTable, Any]]] = {}
-    for remote, ids in requests:
-        groups.setdefault(id(remote.client), []).append((remote, ids))
+    handles: dict[int, object] = {}  # position in requests → handle
+    groups: dict[int, list[tuple[int, RemoteTable, Any]]] = {}
+    for pos, (remote, ids) in enumerate(requests):
+        groups.setdefault(id(remote.client), []).append((pos, remote, ids))
     for group in groups.values():
-        client = group[0][0].client
+        client = group[0][1].client
         if len(group) == 1 or not hasattr(client, "pull_many"):
-            for remote, ids in group:
-                remote.prefetch(ids, exact=exact)
+            for pos, remote, ids in group:
+                handles[pos] = remote.prefetch(ids, exact=exact)
             continue
-        uniques = [remote._unique(ids) for remote, ids in group]
+        uniques = [remote._unique(ids) for _, remote, ids in group]
         futures: list[Future[_Rows]] = []
-        for (remote, _), unique in zip(group, uniques, strict=True):
+        for (pos, remote, _), unique in zip(group, uniques, strict=True):
             future: Future[_Rows] = Future()
-            remote._add_prefetched(_Prefetched(unique, future, exact))
+            entry = _Prefetched(unique, future, exact)
+            remote._add_prefetched(entry)
+            handles[pos] = entry
             futures.append(future)
-        executor = group[0][0]._prefetch_executor()
-        executor.submit(_pull_group, [r for r, _ in group], uniques, futures, exact)
+        executor = group[0][1]._prefetch_executor()
+        executor.submit(_pull_group, [r for _, r, _ in group], uniques, futures, exact)
+    return [handles[pos] for pos in range(len(requests))]
 
 
 def _pull_group(remotes: list[RemoteTable], uniques: list[np.ndarray],
