@@ -52,7 +52,7 @@ def sequential() -> Any:
                              keras.layers.Flatten(), keras.layers.Dense(1, "sigmoid")])
 
 
-class Subclassed(keras.Model):  # type: ignore[misc]
+class Subclassed(keras.Model):  # type: ignore[misc,name-defined]
     """Two embeddings as attributes, one in a list."""
 
     def __init__(self) -> None:
