@@ -30,7 +30,7 @@ from xdl import init as xinit
 from xdl import surgery
 from xdl.hookspecs import hookimpl
 from xdl.lookup import RemoteTable, prefetch_many
-from xdl.surgery import LayerAdapter, LayerSpec
+from xdl.surgery import LayerAdapter, LayerSpec, LeftReference
 from xdl.wrapper import Lookup, prefetch_batches, torch_wrapper
 
 if TYPE_CHECKING:
@@ -174,13 +174,16 @@ class TorchEmbeddingAdapter(LayerAdapter):
             StepPull.install(model)
         return model
 
-    def rewire(self, model: Any, old: Any, new: Any, path: str) -> list[str]:
+    def rewire(self, model: Any, old: Any, new: Any, path: str
+               ) -> list[str | LeftReference]:
         """Drop the replaced weight from every ``torch.optim`` optimizer's param groups (and
-        state); name other lists or tuples that still hold it (a regularizer's list)."""
+        state); name other lists or tuples that still hold it (a regularizer's list, such
+        as DeepCTR-torch's ``regularization_weight``), by attribute path when the model
+        holds them."""
         import torch
 
         weight = old.weight
-        left = []
+        left: list[str | LeftReference] = []
         for holder in gc.get_referrers(weight):
             if not isinstance(holder, (list, tuple)):
                 continue
@@ -192,10 +195,38 @@ class TorchEmbeddingAdapter(LayerAdapter):
                 if not holder:
                     optimizer.param_groups.remove(group)
                 continue
-            left.append(f"a {type(holder).__name__} of {len(holder)} items holds the weight of "
-                        f"{path or 'the model'} (an embedding regularizer? use the server "
-                        "optimizer's weight_decay instead)")
+            what = f"a {type(holder).__name__} of {len(holder)} items"
+            name = _attribute_path(model, holder)
+            left.append(LeftReference(
+                f"{name} ({what})" if name else what, path,
+                "an embedding regularizer? its penalty now falls on weights nothing trains; "
+                "use the server optimizer's weight_decay instead (an L2 term l2 * sum(w**2) "
+                "is weight_decay = 2 * l2)"))
         return left
+
+
+def _attribute_path(model: Any, holder: Any) -> str | None:
+    """``Model.attr[i][j]``: where ``model`` (or a submodule) keeps ``holder`` in an
+    ordinary attribute, up to two list / tuple levels deep; None if nowhere."""
+    root = type(model).__name__
+    skip = {"_modules", "_parameters", "_buffers"}
+    for mod_path, module in model.named_modules():
+        prefix = f"{root}.{mod_path}" if mod_path else root
+        for attr, value in vars(module).items():
+            if attr in skip or attr.startswith("_forward") or attr.startswith("_backward"):
+                continue
+            if value is holder:
+                return f"{prefix}.{attr}"
+            if not isinstance(value, (list, tuple)):
+                continue
+            for i, item in enumerate(value):
+                if item is holder:
+                    return f"{prefix}.{attr}[{i}]"
+                if isinstance(item, (list, tuple)):
+                    for j, sub in enumerate(item):
+                        if sub is holder:
+                            return f"{prefix}.{attr}[{i}][{j}]"
+    return None
 
 
 def _optimizer_of(params: Any, torch: Any) -> tuple[Any, dict[str, Any]] | None:

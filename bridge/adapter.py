@@ -42,6 +42,50 @@ class LayerSpec:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LeftReference:
+    """Something that still holds a replaced layer's weight after ``swap`` (what
+    :meth:`LayerAdapter.rewire` could not rewire). ``swap`` names them in one warning,
+    the layers of one holder together.
+
+    :ivar holder: what holds it, named as precisely as known (``DeepFM.regularization_weight[0][0]
+        (a list of 26 items)``).
+    :ivar path: the replaced layer's path.
+    :ivar hint: what to do instead (``use the server optimizer's weight_decay``).
+    """
+
+    holder: str
+    path: str
+    hint: str = ""
+
+
+def describe_left(left: Iterable[str | LeftReference]) -> str:
+    """One sentence per holder: ``<holder> holds the weight(s) of <paths> (<hint>)``;
+    plain strings are kept as they are."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    out: list[str] = []
+    for item in left:
+        if isinstance(item, LeftReference):
+            key = (item.holder, item.hint)
+            if key not in groups:
+                groups[key] = []
+                out.append("")  # placeholder, filled below in first-seen order
+            groups[key].append(item.path or "the model")
+        else:
+            out.append(item)
+    filled = iter(groups.items())
+    result = []
+    for text in out:
+        if text:
+            result.append(text)
+            continue
+        (holder, hint), paths = next(filled)
+        noun = "weight" if len(paths) == 1 else "weights"
+        result.append(f"{holder} holds the {noun} of {', '.join(paths)}"
+                      + (f" ({hint})" if hint else ""))
+    return "; ".join(result)
+
+
 class LayerAdapter:
     """One framework's embedding layers, as :func:`swap` / :func:`unswap` need them.
 
@@ -97,9 +141,11 @@ class LayerAdapter:
         """Put ``new`` at ``path`` (non-empty) inside ``model``."""
         raise NotImplementedError
 
-    def rewire(self, model: Any, old: Any, new: Any, path: str) -> list[str]:
+    def rewire(self, model: Any, old: Any, new: Any, path: str
+               ) -> list[str | LeftReference]:
         """Point what else referenced ``old``'s weight at ``new`` where the framework
-        allows; return a description of each reference left (for a warning)."""
+        allows; return each reference left (a :class:`LeftReference` or a sentence), for
+        ``swap``'s warning."""
         return []
 
     def finish(self, model: Any) -> Any:
@@ -115,4 +161,4 @@ class LayerAdapter:
         return f"<{type(self).__name__} {self.name!r} for backend {self.backend!r}>"
 
 
-__all__ = ["LayerAdapter", "LayerSpec"]
+__all__ = ["LayerAdapter", "LayerSpec", "LeftReference", "describe_left"]

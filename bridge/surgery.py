@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .adapter import LayerAdapter, LayerSpec
+from .adapter import LayerAdapter, LayerSpec, LeftReference, describe_left
 from .errors import (
     InvalidArgumentError,
     PluginError,
@@ -196,7 +196,7 @@ def swap(model: Any, client: Any, *, optimizer: Any = None, initializer: Any = N
         targets = [(path, layer) for path, layer in adapter.named_layers(model)
                    if adapter.handles(layer)]
         replaced: dict[int, Any] = {}
-        left: list[str] = []
+        left: list[str | LeftReference] = []
         for path, old in targets:
             new = replaced.get(id(old))
             if new is None:
@@ -209,7 +209,7 @@ def swap(model: Any, client: Any, *, optimizer: Any = None, initializer: Any = N
                 adapter.replace(model, path, new)
         if left:
             warnings.warn("after xdl.swap these still reference replaced embedding weights, "
-                          "which nothing updates any more: " + "; ".join(left),
+                          "which nothing updates any more: " + describe_left(left),
                           RuntimeWarning, stacklevel=2)
         if result is model:
             result = adapter.finish(model)
@@ -292,6 +292,7 @@ __all__ = [
     "CHUNK_ROWS",
     "LayerAdapter",
     "LayerSpec",
+    "LeftReference",
     "adapters_for",
     "export_rows",
     "swap",
