@@ -32,6 +32,7 @@ but not the machine losing power.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -183,6 +184,25 @@ class WalStats:
     dropped_segments: int = 0
 
 
+def _lock(directory: str) -> int:
+    """Take the log folder's lock (released when the process ends, however it ends)."""
+    path = os.path.join(directory, "LOCK")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise CheckpointError(
+            f"the write-ahead log in {directory} is in use by another process (pid "
+            f"{holder}): give each shard its own --wal-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
 class _Syncer:
     """A thread that runs ``fdatasync`` while the shard goes on serving.
 
@@ -282,12 +302,17 @@ class WriteAheadLog:
         self.segment_bytes = int(segment_bytes)
         self.stats = WalStats()
         os.makedirs(self.directory, exist_ok=True)
+        self._lock_fd: int | None = _lock(self.directory)
         self._segments: list[_Segment] = []
         self._fd: int | None = None
         self._size = 0
         self._unsynced_since: float | None = None
         self.next_lsn = 1
-        self._open_existing()
+        try:
+            self._open_existing()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         #: records below this lsn were on disk when the log was opened
         self.opened_lsn = self.next_lsn
         #: highest lsn known to be durable (with ``"none"``: written to the OS)
@@ -537,6 +562,9 @@ class WriteAheadLog:
             if self._syncer is not None:
                 self._syncer.close()
                 self._syncer = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the lock
+                self._lock_fd = None
 
 
 def iter_records(directory: str) -> Iterator[Record]:

@@ -334,6 +334,15 @@ class LoggedShard:
         (reply,) = out
         return codec.decode([bytes(memoryview(f)) for f in reply])[1]
 
+    def die(self) -> None:
+        """Let go of the log as a killed process would: no sync, no flush, lock released."""
+        wal = self.durable.wal
+        assert wal is not None
+        for fd in (wal._fd, wal._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        wal._fd = wal._lock_fd = None
+
 
 def state_of(shard: Any) -> dict[str, np.ndarray]:
     t = shard.tables["t"].export()
@@ -368,7 +377,7 @@ def test_a_shard_rebuilds_its_state_and_marks_from_checkpoint_and_log(tmp_path: 
     s.durable.journal.trim()  # type: ignore[union-attr]
     assert int(os.path.basename(s.durable.wal.segments()[0])[:20]) > 1  # pre-save log gone
     before = state_of(s.shard)
-    # the process dies here: no close, nothing flushed beyond what each reply waited for
+    s.die()  # nothing flushed beyond what each reply waited for
     again = LoggedShard(wal_dir, root)
     assert again.durable.report.base == tmp[:-4] and again.durable.report.replayed == 4
     after = state_of(again.shard)
@@ -401,6 +410,7 @@ def test_a_shard_whose_log_cannot_be_written_refuses_and_stops(
     monkeypatch.undo()
     assert not h["ok"] and h["code"] == "DISK_FULL" and "not acknowledged" in h["message"]
     assert s.shard.stopping  # its memory is ahead of its log: it stops
+    s.die()
     again = LoggedShard(wal_dir, root)  # and the restart holds only what was logged
     assert len(again.shard.tables["t"]) == 0
     again.durable.close()
@@ -425,6 +435,7 @@ def test_a_load_becomes_the_base_of_recovery(tmp_path: Any) -> None:
     assert len(s.durable.wal.segments()) == 1  # everything before the load is gone
     want = s.shard.tables["t"].pull(ids).copy()
     assert not np.array_equal(want, saved_rows)
+    s.die()
     again = LoggedShard(wal_dir, root)
     assert again.durable.report.base == tmp[:-4] and again.durable.report.replayed == 1
     np.testing.assert_array_equal(again.shard.tables["t"].pull(ids), want)
@@ -479,3 +490,11 @@ def test_every_reply_carries_the_boot_id_and_its_fields(tmp_path: Any, extra: in
     np.testing.assert_array_equal(arrays["rows"], np.ones((2, 3), np.float32))
     assert d.refusal([bytes(memoryview(f)) for f in codec.encode(
         P.PING, {"cid": "c", "inc": 1, "seq": 1, "boot": d.boot})]) is None
+
+
+def test_two_processes_cannot_share_a_log(tmp_path: Any) -> None:
+    first = W.WriteAheadLog(str(tmp_path))
+    with pytest.raises(CheckpointError, match=f"in use by another process .pid {os.getpid()}"):
+        W.WriteAheadLog(str(tmp_path))
+    first.close()
+    W.WriteAheadLog(str(tmp_path)).close()  # free again once closed
