@@ -203,6 +203,16 @@ class ShardJournal:
                     load(final, dict(r.meta.get("clients") or {}))
                     break
                 self._pending_saves.insert(0, (r.lsn, str(r.meta["dir"])))
+        if report.base is None and self.wal.segments():
+            first = self.wal.first_record(0)
+            if first is not None and first.lsn != 1:
+                # older records were dropped because a checkpoint covered them: the log
+                # alone would rebuild a state with a hole in it
+                raise CheckpointError(
+                    f"the write-ahead log in {self.wal.directory} starts at record "
+                    f"{first.lsn}, after a checkpoint that is gone "
+                    f"({first.meta.get('dir') or first.meta.get('path') or '?'}): restore "
+                    "that checkpoint, or move the log aside and start from another one")
         self.replaying = True
         try:
             for r in self.wal.records(start):

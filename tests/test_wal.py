@@ -498,3 +498,22 @@ def test_two_processes_cannot_share_a_log(tmp_path: Any) -> None:
         W.WriteAheadLog(str(tmp_path))
     first.close()
     W.WriteAheadLog(str(tmp_path)).close()  # free again once closed
+
+
+def test_a_log_whose_checkpoint_is_gone_refuses_to_start(tmp_path: Any) -> None:
+    import shutil
+
+    from xdl import ckpt_layout
+
+    root, wal_dir = str(tmp_path / "ckpt"), str(tmp_path / "wal")
+    os.makedirs(root)
+    s = LoggedShard(wal_dir, root)
+    assert s(1, P.CREATE_TABLE, {"table": "t", "dim": 2})["ok"]
+    tmp = ckpt_layout.begin(root)
+    ckpt_layout.commit(tmp, 1, [(0, P.NUM_BUCKETS)], [s(2, P.SAVE, {"dir": tmp})])
+    s.durable.journal.trim()  # type: ignore[union-attr]
+    assert s(3, P.DROP_TABLE, {"table": "t"})["ok"]
+    s.die()
+    shutil.rmtree(tmp[:-4])  # someone deletes the checkpoint the log starts after
+    with pytest.raises(CheckpointError, match="after a checkpoint that is gone"):
+        LoggedShard(wal_dir, root)
