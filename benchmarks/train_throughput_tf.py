@@ -4,7 +4,8 @@ server versus locally, measured in the same run, at batch 256 and 1024.
 Two pairs, each the same model and the same batches (``examples/din_tf.py``):
 
 * ``wrapper``: the ``@xdl.tf_wrapper`` step (one ``tf.function``, lookups through host
-  callbacks, the next batch's rows prefetched exactly while a step runs) versus the same
+  callbacks, the next batch's rows prefetched exactly while a step runs, unless
+  ``--no-prefetch``) versus the same
   model function with local ``tf.Variable`` tables and the same Adagrad, in one
   ``tf.function`` step;
 * ``keras`` (``--keras``): the Keras DIN swapped onto the shards and trained with
@@ -49,9 +50,12 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def wrapper_rounds(client: Any, data: Any, batches: list[din.Batch], per_round: int,
-                   rounds: int, sync_push: bool = True) -> tuple[list[float], list[float]]:
+                   rounds: int, sync_push: bool = True, use_prefetch: bool = True
+                   ) -> tuple[list[float], list[float]]:
     """Seconds per round of the server and the local wrapper runner."""
     server = din.server_runner(client, data, name="server", sync_push=sync_push)
+    if not use_prefetch:
+        server.prefetch = None
     local = din.local_runner(data)
 
     def run(runner: din.Runner, chunk: list[din.Batch]) -> None:
@@ -60,7 +64,7 @@ def wrapper_rounds(client: Any, data: Any, batches: list[din.Batch], per_round: 
             it = din.prefetch_batches(chunk, runner.prefetch)
         for b in it:
             runner.train(b)
-        if runner.prefetch is not None:
+        if runner is server:
             runner.close()  # count the time until every push is applied
 
     run(server, batches[:WARMUP])
@@ -131,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="server runs with sync_push=False: a pull does not wait for the "
                          "acknowledgement of the table's previous push (a shard applies a "
                          "client's requests in order, so the pull still sees it)")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="wrapper: pull each step's rows in the step (on a small, busy "
+                         "machine the prefetch threads can cost more than they hide)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--strict", action="store_true",
                     help=f"exit 1 when a ratio is below {TARGET_RATIO}")
@@ -144,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     print(f"TensorFlow DIN, MovieLens-100k, {args.rounds} rounds x {args.batches} steps, "
           f"{args.shards} local shards, {args.threads} TF threads, "
-          f"{'async' if args.async_push else 'sync'} pushes, load average "
+          f"{'async' if args.async_push else 'sync'} pushes, prefetch "
+          f"{'off' if args.no_prefetch else 'on (exact)'}, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     ratios = []
     with xdl.connect(local_shards=args.shards) as client:
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                                       rows[i * batch_size:(i + 1) * batch_size])
                        for i in range(steps)]
             server_s, local_s = wrapper_rounds(client, data, batches, args.batches,
-                                               args.rounds, not args.async_push)
+                                               args.rounds, not args.async_push,
+                                               not args.no_prefetch)
             ratios.append(report("wrapper", batch_size, args.batches, server_s, local_s))
             if args.keras:
                 server_s, local_s = keras_rounds(client, data, rows, batch_size, args.batches,
