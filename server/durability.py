@@ -260,6 +260,41 @@ class Durability:
         self._last_trim = time.monotonic()
         if self.journal is not None:
             shard.dispatcher.journal = self.observe
+        self._wrap_stats()
+
+    def _wrap_stats(self) -> None:
+        # STATS also reports the log (handlers are plain functions: wrap, do not edit)
+        from xdl import protocol as P
+
+        handlers = getattr(getattr(self.shard, "dispatcher", None), "handlers", None)
+        if not isinstance(handlers, dict) or handlers.get(P.STATS) is None:
+            return
+        inner = handlers[P.STATS]
+
+        def stats(state: Any, req: Any) -> Any:
+            header, arrays = inner(state, req)
+            return {**header, "durability": self.describe()}, arrays
+
+        handlers[P.STATS] = stats
+
+    def describe(self) -> dict[str, Any]:
+        """The boot id and the log's figures (as ``STATS`` reports them under ``durability``)."""
+        out: dict[str, Any] = {"boot": self.boot, "wal": self.wal is not None}
+        if self.wal is not None:
+            st = self.wal.stats
+            interval = self.wal.interval
+            out.update({
+                "dir": self.wal.directory,
+                "fsync": "none" if interval is None else "every" if interval == 0
+                else f"{interval * 1e3:g} ms",
+                "segments": len(self.wal.segments()), "next_lsn": self.wal.next_lsn,
+                "synced_lsn": self.wal.synced_lsn, "records": st.records, "bytes": st.bytes,
+                "syncs": st.syncs, "sync_seconds": round(st.sync_seconds, 6),
+                "dropped_segments": st.dropped_segments, "held_replies": len(self.gate.held),
+                "recovered": {"base": self.report.base, "replayed": self.report.replayed,
+                              "truncated_bytes": self.report.truncated_bytes,
+                              "seconds": round(self.report.seconds, 6)}})
+        return out
 
     @classmethod
     def open(cls, shard: Any, directory: str, fsync: str | float = "every",

@@ -517,3 +517,17 @@ def test_a_log_whose_checkpoint_is_gone_refuses_to_start(tmp_path: Any) -> None:
     shutil.rmtree(tmp[:-4])  # someone deletes the checkpoint the log starts after
     with pytest.raises(CheckpointError, match="after a checkpoint that is gone"):
         LoggedShard(wal_dir, root)
+
+
+def test_stats_report_the_log(tmp_path: Any) -> None:
+    s = LoggedShard(str(tmp_path / "wal"), str(tmp_path / "ckpt"))
+    assert s(1, P.CREATE_TABLE, {"table": "t", "dim": 2})["ok"]
+    assert s(2, P.PUSH, {"table": "t"}, {"ids": np.arange(3, dtype=np.int64),
+                                         "grads": np.ones((3, 2), np.float32)})["ok"]
+    h = s(3, P.STATS, {})
+    d = h["durability"]
+    assert h["ok"] and "t" in h["tables"]  # the shard's own figures are all there
+    assert d["wal"] is True and d["boot"] == s.durable.boot and d["fsync"] == "every"
+    assert d["records"] == 2 and d["next_lsn"] == 3 and d["synced_lsn"] == 2
+    assert d["syncs"] >= 1 and d["segments"] == 1 and d["recovered"]["replayed"] == 0
+    s.durable.close()
