@@ -28,6 +28,7 @@ import numpy as np
 
 from xdl import init as xinit
 from xdl import surgery
+from xdl.errors import InvalidArgumentError
 from xdl.hookspecs import hookimpl
 from xdl.lookup import RemoteTable, prefetch_many
 from xdl.surgery import LayerAdapter, LayerSpec, LeftReference
@@ -398,6 +399,7 @@ class StepPull:
         self._seen: list[tuple[Any, Any]] = []
         self._recorders: list[Any] = []
         self._issued: list[tuple[RemoteTable, object]] = []
+        self._planned: list[Any] = []
         self._depth = 0
         self._handles = [
             model.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -436,6 +438,9 @@ class StepPull:
         return 0 if self.routes is None else len(self.routes)
 
     def _drop_unused(self) -> None:
+        planned, self._planned = self._planned, []
+        for module in planned:
+            module.__dict__.get("_step_plans", []).clear()
         issued, self._issued = self._issued, []
         by_remote: dict[int, tuple[RemoteTable, list[object]]] = {}
         for remote, handle in issued:
@@ -454,17 +459,27 @@ class StepPull:
         if not self.routes:
             return
         leaves = dict(_tensor_leaves(args, kwargs, self._torch))
-        requests = []
+        requests: list[tuple[RemoteTable, Any]] = []
+        plans = []
         for module, path, kind, detail in self.routes:
             leaf = leaves.get(path)
             if leaf is None:
                 continue
             remote = module.remote
             if remote.pending_prefetches:  # the user's prefetch feeds this table
+                self._drop_unused()
                 return
-            requests.append((remote, _ids_of(leaf, kind, detail, self._torch)))
+            ids = _ids_of(leaf, kind, detail, self._torch)
+            try:
+                plan = remote.plan(ids)  # checked and de-duplicated once, for the lookup too
+            except InvalidArgumentError:  # not this module's ids after all: it pulls itself
+                continue
+            requests.append((remote, ids))
+            plans.append(plan)
+            module.__dict__.setdefault("_step_plans", []).append((ids, plan))
+            self._planned.append(module)
         if requests:
-            handles = prefetch_many(requests)
+            handles = prefetch_many(requests, plans=plans)
             self._issued = [(remote, h) for (remote, _), h in zip(requests, handles,
                                                                     strict=True)]
 

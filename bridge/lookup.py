@@ -531,8 +531,8 @@ class RemoteTable:
         self.wait_pushes()
 
 
-def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *,
-                  exact: bool = True) -> list[object]:
+def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = True,
+                  plans: Sequence[LookupPlan] | None = None) -> list[object]:
     """Prefetch several lookups at once: ``[(remote table, ids), ...]`` of a coming batch.
 
     Lookups on one client are pulled together, in the background, with one
@@ -542,6 +542,9 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *,
     rows are exact as there: each table's push mark is taken before the pull, and every
     later push of the table re-pulls the prefetched rows it touched. A client without
     ``pull_many``, or a single lookup, goes through :meth:`RemoteTable.prefetch`.
+
+    :param plans: the requests' ids already checked and de-duplicated
+        (:meth:`RemoteTable.plan`), one per request; their ``unique_ids`` are pulled.
 
     Returns one handle per request, in order (for :meth:`RemoteTable.discard_prefetches`).
     """
@@ -553,9 +556,11 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *,
         client = group[0][1].client
         if len(group) == 1 or not hasattr(client, "pull_many"):
             for pos, remote, ids in group:
-                handles[pos] = remote.prefetch(ids, exact=exact)
+                handles[pos] = remote.prefetch(ids if plans is None else plans[pos].unique_ids,
+                                               exact=exact)
             continue
-        uniques = [remote._unique(ids) for _, remote, ids in group]
+        uniques = [remote._unique(ids) if plans is None else plans[pos].unique_ids
+                   for pos, remote, ids in group]
         futures: list[Future[_Rows]] = []
         for (pos, remote, _), unique in zip(group, uniques, strict=True):
             future: Future[_Rows] = Future()
