@@ -531,3 +531,31 @@ def test_stats_report_the_log(tmp_path: Any) -> None:
     assert d["records"] == 2 and d["next_lsn"] == 3 and d["synced_lsn"] == 2
     assert d["syncs"] >= 1 and d["segments"] == 1 and d["recovered"]["replayed"] == 0
     s.durable.close()
+
+
+def test_a_failed_background_sync_withholds_the_replies_and_stops_the_shard(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import select
+
+    from xdl.server.shard import Shard
+
+    shard = Shard()
+    d = D.Durability.open(shard, str(tmp_path), "every", background=True)
+    sent: list[Any] = []
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    frames = [bytes(memoryview(f)) for f in codec.encode(
+        P.CREATE_TABLE, {"cid": "c", "inc": 1, "seq": 1, "table": "t", "dim": 2})]
+    shard.handle(frames, lambda r: d.send(sent.append, r))
+    d.tick()  # starts the sync in the background; it fails
+    deadline = time.monotonic() + 10
+    while not d.failed and time.monotonic() < deadline:
+        assert d.wake_fd is not None
+        select.select([d.wake_fd], [], [], 0.5)
+        d.tick()
+    assert d.failed and shard.stopping and sent == []  # never acknowledged
+    d.close()
+    assert sent == []
