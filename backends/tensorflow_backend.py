@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xdl.backend import Backend, OnGrad
+from xdl.dedup import unique_inverse
 from xdl.errors import InvalidArgumentError
 from xdl.hookspecs import hookimpl
 
@@ -85,6 +86,64 @@ def _id_tensor(ids: Any) -> Any:
         raise InvalidArgumentError(
             f"ids must be integers, got dtype {ids.dtype.name}; cast them to int64")
     return ids
+
+
+def _step_rows(remotes: Sequence[RemoteTable], uniques: Sequence[np.ndarray]
+               ) -> list[np.ndarray]:
+    """Rows ``float32 [U_i, dim_i]`` of several lookups of one step (``uniques[i]`` of
+    ``remotes[i]``), as :meth:`xdl.lookup.RemoteTable.rows` gives them, with one round
+    trip: buffered gradients are pushed first; a lookup whose table has a prefetch
+    pending takes it (``rows``); the others are pulled together, with one
+    ``client.pull_many`` per client (after waiting for the tables' pushes when
+    ``sync_push``; a table looked up twice is pulled once)."""
+    out: list[np.ndarray | None] = [None] * len(remotes)
+    flushed: set[tuple[int, int]] = set()
+    groups: dict[int, dict[str, list[int]]] = {}  # client → table → positions
+    for i, remote in enumerate(remotes):
+        key = (id(remote.buffer), id(remote.client))
+        if key not in flushed:
+            flushed.add(key)
+            remote.buffer.flush(remote.client)
+        if remote.pending_prefetches or not hasattr(remote.client, "pull_many"):
+            out[i] = remote.rows(uniques[i])
+        else:
+            groups.setdefault(id(remote.client), {}).setdefault(remote.table, []).append(i)
+    for tables in groups.values():
+        first = remotes[next(iter(tables.values()))[0]]
+        client = first.client
+        request: dict[str, np.ndarray] = {}
+        splits: dict[str, tuple[np.ndarray, list[int]]] = {}
+        for table, where in tables.items():
+            if remotes[where[0]].sync_push:
+                remotes[where[0]].buffer.wait(client, table)
+            if len(where) == 1:
+                request[table] = uniques[where[0]]
+            else:  # the union once
+                request[table], inverse = unique_inverse(
+                    np.concatenate([uniques[i] for i in where]))
+                splits[table] = (inverse, [uniques[i].size for i in where])
+        wanted = {t: ids for t, ids in request.items() if ids.size}
+        got = client.pull_many(wanted, unique=True) if wanted else {}
+        for table, where in tables.items():
+            rows = got.get(table)
+            if rows is None:
+                rows = np.zeros((0, remotes[where[0]].dim), dtype=np.float32)
+            if table not in splits:
+                out[where[0]] = rows
+                continue
+            inverse, sizes = splits[table]
+            start = 0
+            for i, size in zip(where, sizes, strict=True):
+                out[i] = rows[inverse[start:start + size]]
+                start += size
+    return out  # type: ignore[return-value]
+
+
+def _bag_values(rows: Any, inverse: Any, bag: Any, coef: Any, num_bags: Any) -> Any:
+    """Unweighted bags: ``segment_sum(rows[inverse] * coef, bag)``."""
+    tf = _tf()
+    values = tf.gather(rows, inverse) * coef[:, None]
+    return tf.math.unsorted_segment_sum(values, bag, num_bags)
 
 
 class TensorFlowBackend(Backend):
@@ -334,7 +393,6 @@ class TrainStep:
                 f"tf_wrapper: {fn.__qualname__} has no argument(s) {missing}")
         #: the trainable variables the function read, besides the anchors (after a call)
         self.dense_variables: list[Any] = []
-        self._anchors: dict[tuple[str, int | None], Any] = {}
         self._steps: dict[Any, Any] = {}
         self._dense_sync: Any = None
         functools.update_wrapper(self, fn)
@@ -346,8 +404,14 @@ class TrainStep:
         if self.server_optimizer is not None and self._dense_sync is None:
             self.predict(*args, **kwargs)  # creates the dense variables, nothing trained
             self._share_dense()
-        outputs, dense_grads = self._run(True, args, kwargs)
-        self._flush()  # the step's gradients are complete: one push per table, now
+        layout, outputs, dense_grads, uniques, row_grads = self._run(True, args, kwargs)
+        # the step's gradients are complete: to the buffer, then one push for every table
+        for (_, _, spec), unique, grad in zip(layout, uniques, row_grads, strict=True):
+            if grad is not None:
+                unique = np.asarray(unique)
+                self.xdl.remote(spec).add_gradients(
+                    unique, _float_rows(np.asarray(grad)[:unique.size]))
+        self._flush()
         if self._dense_sync is not None:
             values = self._dense_sync.step([None if g is None else np.asarray(g)
                                             for g in dense_grads])
@@ -363,9 +427,11 @@ class TrainStep:
             for batch in xdl.prefetch_batches(loader, lambda b: model_fn.prefetch(*inputs(b))):
                 loss, prob = model_fn(*inputs(batch))
         """
+        from xdl.lookup import prefetch_many
+
         layout, ids, _, _ = self._split(args, kwargs)
-        for (_, _, spec), value in zip(layout, ids, strict=True):
-            self.xdl.remote(spec).prefetch(np.asarray(value), exact=exact)
+        prefetch_many([(self.xdl.remote(spec), np.asarray(value))
+                       for (_, _, spec), value in zip(layout, ids, strict=True)], exact=exact)
 
     def _flush(self) -> None:
         seen: set[tuple[int, int]] = set()
@@ -377,7 +443,7 @@ class TrainStep:
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         """Run the function forward (lookups included), no gradients, no updates."""
-        return self._run(False, args, kwargs)
+        return self._run(False, args, kwargs)[1]
 
     def wait_pushes(self) -> None:
         """Push what is buffered and wait until every push of these tables is applied."""
@@ -388,16 +454,6 @@ class TrainStep:
         self.xdl.close()
 
     # -- internals -----------------------------------------------------------------------
-
-    def _anchor(self, spec: Any) -> Any:
-        key = (spec.table, spec.padding_idx)
-        anchor = self._anchors.get(key)
-        if anchor is None:
-            tf = _tf()
-            with tf.init_scope():
-                anchor = self._anchors[key] = tf.Variable([0.0], trainable=True,
-                                                          name="xdl_anchor")
-        return anchor
 
     def _split(self, args: tuple[Any, ...], kwargs: dict[str, Any]
                ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
@@ -412,7 +468,6 @@ class TrainStep:
 
         def add(arg: str, item: int | None, spec: Any, value: Any, offs: Any) -> None:
             self.xdl.remote(spec)  # the table exists before any graph is traced
-            self._anchor(spec)
             layout.append((arg, item, spec))
             ids.append(value)
             offsets.append(offs)
@@ -439,6 +494,8 @@ class TrainStep:
         return tuple(layout), ids, offsets, rest
 
     def _run(self, train: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``(layout, outputs, dense gradients, unique ids, row gradients)`` of one call
+        (the last three None when not training)."""
         layout, ids, offsets, rest = self._split(args, kwargs)
         key = (train, layout)
         step = self._steps.get(key)
@@ -446,7 +503,85 @@ class TrainStep:
             body = functools.partial(self._body, train, layout)
             step = self._steps[key] = (_tf().function(body, reduce_retracing=True)
                                        if self.graph else body)
-        return step(ids, offsets, rest)
+        if train:
+            return (layout, *step(ids, offsets, rest))
+        return layout, step(ids, offsets, rest), None, None, None
+
+    def _lookups(self, layout: tuple[Any, ...], ids: list[Any], offsets: list[Any],
+                 tape: Any) -> tuple[list[Any], list[Any], list[Any]]:
+        """Every lookup of the step at once: ``(embeddings, rows, unique ids)``.
+
+        One host callback (``tf.numpy_function``; called directly when eager) checks and
+        de-duplicates each lookup's ids and fetches the rows of all of them with one
+        ``client.pull_many`` (or from prefetches); TensorFlow gathers and combines. The
+        rows are plain tensors watched by ``tape`` (when given), which differentiates
+        towards them."""
+        tf = _tf()
+        remotes = [self.xdl.remote(spec) for _, _, spec in layout]
+        bags = [spec.combiner is not None for _, _, spec in layout]
+        id_ts = [_id_tensor(v) for v in ids]
+        off_ts = [tf.zeros([0], tf.int64) if o is None else tf.cast(o, tf.int64)
+                  for o in offsets]
+        has_offs = [o is not None for o in offsets]
+
+        def forward(*arrays: np.ndarray) -> list[np.ndarray]:
+            n = len(remotes)
+            plans: list[Any] = []
+            for i, (remote, (_, _, spec)) in enumerate(zip(remotes, layout, strict=True)):
+                raw = np.asarray(arrays[i])
+                if bags[i]:
+                    plans.append(remote.plan_bags(raw, arrays[n + i] if has_offs[i] else None,
+                                                  combiner=spec.combiner))
+                else:
+                    plans.append(remote.plan(raw))
+            uniques = [p.lookup.unique_ids if bags[i] else p.unique_ids
+                       for i, p in enumerate(plans)]
+            out: list[np.ndarray] = []
+            for i, rows in enumerate(_step_rows(remotes, uniques)):
+                plan, rows = plans[i], _float_rows(rows)
+                if bags[i]:
+                    coef = (plan.coef if plan.coef is not None
+                            else np.ones(len(plan.kept), np.float32))
+                    out += [rows, plan.lookup.inverse, uniques[i], plan.bag, coef,
+                            np.asarray(plan.num_bags, np.int64)]
+                else:
+                    if plan.has_padding:
+                        rows = np.concatenate([rows, np.zeros((1, rows.shape[1]), np.float32)])
+                    out += [rows, plan.inverse, uniques[i]]
+            return out
+
+        types: list[Any] = []
+        for is_bag in bags:
+            types += ([tf.float32, tf.int64, tf.int64, tf.int64, tf.float32, tf.int64]
+                      if is_bag else [tf.float32, tf.int64, tf.int64])
+        if tf.executing_eagerly():
+            flat = [tf.convert_to_tensor(a) for a in forward(
+                *[t.numpy() for t in id_ts], *[t.numpy() for t in off_ts])]
+        else:
+            flat = tf.numpy_function(forward, id_ts + off_ts, types, stateful=True,
+                                     name="xdl_pull_step")
+        embs, rows_ts, uniques_ts = [], [], []
+        pos = 0
+        for remote, is_bag, id_t, has_off in zip(remotes, bags, id_ts, has_offs, strict=True):
+            rows = flat[pos]
+            rows.set_shape([None, remote.dim])
+            if tape is not None:
+                tape.watch(rows)
+            if is_bag:
+                inverse, unique, bag, coef, num_bags = flat[pos + 1:pos + 6]
+                pos += 6
+                emb = _bag_values(rows, inverse, bag, coef, num_bags)
+                emb.set_shape([None if has_off else id_t.shape[0], remote.dim])
+            else:
+                inverse, unique = flat[pos + 1:pos + 3]
+                pos += 3
+                emb = tf.reshape(tf.gather(rows, inverse),
+                                 tf.concat([tf.shape(id_t, tf.int64), [remote.dim]], 0))
+                emb.set_shape(id_t.shape.concatenate([remote.dim]))
+            embs.append(emb)
+            rows_ts.append(rows)
+            uniques_ts.append(unique)
+        return embs, rows_ts, uniques_ts
 
     def _body(self, train: bool, layout: tuple[Any, ...], ids: list[Any], offsets: list[Any],
               rest: dict[str, Any]) -> Any:
@@ -454,14 +589,9 @@ class TrainStep:
         # predict watches too before the dense variables are shared: it finds them
         watch = train or (self.server_optimizer is not None and self._dense_sync is None)
         with tf.GradientTape(watch_accessed_variables=watch) as tape:
+            embs, rows, uniques = self._lookups(layout, ids, offsets, tape if train else None)
             arguments = dict(rest)
-            for (arg, item, spec), value, offs in zip(layout, ids, offsets, strict=True):
-                remote, anchor = self.xdl.remote(spec), self._anchor(spec)
-                if spec.combiner is None:
-                    emb = self.backend.lookup(remote, value, anchor=anchor)
-                else:
-                    emb = self.backend.lookup_bags(remote, value, offs, combiner=spec.combiner,
-                                                   anchor=anchor)
+            for (arg, item, _), emb in zip(layout, embs, strict=True):
                 if item is None:
                     arguments[arg] = emb
                 else:
@@ -471,26 +601,23 @@ class TrainStep:
                         arguments[arg], list) else tuple(seq)
             bound = inspect.BoundArguments(self.signature, arguments)  # type: ignore[arg-type]
             outputs = self.fn(*bound.args, **bound.kwargs)
-        anchors = list({id(a): a for a in (self._anchor(s) for _, _, s in layout)}.values())
-        taken = {id(a) for a in anchors}
-        dense = [v for v in tape.watched_variables() if v.trainable and id(v) not in taken]
+        dense = [v for v in tape.watched_variables() if v.trainable]
         if watch:
             self.dense_variables = dense
         if not train:
             return outputs
         loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        grads = tape.gradient(loss, anchors + dense)
-        dense_grads = grads[len(anchors):]
+        grads = tape.gradient(loss, rows + dense)
+        row_grads = [None if g is None else tf.convert_to_tensor(g) for g in grads[:len(rows)]]
+        dense_grads = grads[len(rows):]
         if self.optimizer is not None:
             pairs = [(g, v) for g, v in zip(dense_grads, dense, strict=True) if g is not None]
             if pairs:
                 self.optimizer.apply_gradients(pairs)
-        if self.server_optimizer is not None:
-            # anchors' gradients first: their callbacks hand the rows over this step
-            with tf.control_dependencies([g for g in grads[:len(anchors)] if g is not None]):
-                dense_grads = [None if g is None else tf.identity(tf.convert_to_tensor(g))
-                               for g in dense_grads]
-        return outputs, dense_grads
+        # only the dense gradients the shards need leave the function
+        dense_grads = ([None if g is None else tf.convert_to_tensor(g) for g in dense_grads]
+                       if self.server_optimizer is not None else [])
+        return outputs, dense_grads, uniques, row_grads
 
     def _share_dense(self) -> None:
         """Put the dense variables on the shards (the first worker's values win) and start
