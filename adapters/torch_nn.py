@@ -381,8 +381,9 @@ class StepPull:
     its training loop changes. On the first forward it learns how each distributed
     module's ids derive from the model's inputs: the input itself, a view of it, or
     columns of a 2-D input cast to integers (DeepCTR-torch's ``X[:, a:b].long()``). From
-    then on it takes those ids from each forward's inputs and prefetches them
-    (:func:`xdl.lookup.prefetch_many`, exact: it waits for the previous step's pushes).
+    then on it takes those ids from each forward's inputs and pulls them at once, in the
+    calling thread (:func:`xdl.lookup.prefetch_many` with ``background=False``; exact:
+    it waits for the previous step's pushes).
     A lookup whose ids it could not derive, or that turn out different, pulls as
     before; a prefetch no lookup consumed is dropped at the next forward. It stands
     aside while the user's own prefetch (:func:`prefetch`) feeds the tables.
@@ -479,7 +480,7 @@ class StepPull:
             module.__dict__.setdefault("_step_plans", []).append((ids, plan))
             self._planned.append(module)
         if requests:
-            handles = prefetch_many(requests, plans=plans)
+            handles = prefetch_many(requests, plans=plans, background=False)
             self._issued = [(remote, h) for (remote, _), h in zip(requests, handles,
                                                                     strict=True)]
 

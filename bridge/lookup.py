@@ -532,7 +532,8 @@ class RemoteTable:
 
 
 def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = True,
-                  plans: Sequence[LookupPlan] | None = None) -> list[object]:
+                  plans: Sequence[LookupPlan] | None = None,
+                  background: bool = True) -> list[object]:
     """Prefetch several lookups at once: ``[(remote table, ids), ...]`` of a coming batch.
 
     Lookups on one client are pulled together, in the background, with one
@@ -545,6 +546,8 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = 
 
     :param plans: the requests' ids already checked and de-duplicated
         (:meth:`RemoteTable.plan`), one per request; their ``unique_ids`` are pulled.
+    :param background: False: pull now, in the calling thread (for lookups about to
+        run, as :class:`~xdl.adapters.torch_nn.StepPull` does: no thread is started).
 
     Returns one handle per request, in order (for :meth:`RemoteTable.discard_prefetches`).
     """
@@ -554,7 +557,7 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = 
         groups.setdefault(id(remote.client), []).append((pos, remote, ids))
     for group in groups.values():
         client = group[0][1].client
-        if len(group) == 1 or not hasattr(client, "pull_many"):
+        if (len(group) == 1 and background) or not hasattr(client, "pull_many"):
             for pos, remote, ids in group:
                 handles[pos] = remote.prefetch(ids if plans is None else plans[pos].unique_ids,
                                                exact=exact)
@@ -568,8 +571,12 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = 
             remote._add_prefetched(entry)
             handles[pos] = entry
             futures.append(future)
-        executor = group[0][1]._prefetch_executor()
-        executor.submit(_pull_group, [r for _, r, _ in group], uniques, futures, exact)
+        remotes = [r for _, r, _ in group]
+        if background:
+            remotes[0]._prefetch_executor().submit(_pull_group, remotes, uniques, futures,
+                                                   exact)
+        else:
+            _pull_group(remotes, uniques, futures, exact)
     return [handles[pos] for pos in range(len(requests))]
 
 

@@ -115,19 +115,34 @@ class DIN(nn.Module):
 
     def prefetch_ids(self, batch: Batch) -> list[tuple[nn.Module, torch.Tensor]]:
         """``(embedding module, ids)`` pairs of a batch, for the adapter's ``prefetch``
-        (``ids_fn``): the ids each table will see in :meth:`forward`."""
-        uniq, uniq_genres, _ = self.distinct_items(
+        (``ids_fn``): the ids each table will see in :meth:`forward`. The batch's
+        distinct items are kept for its forward, which then does not compute them again."""
+        found = self.distinct_items(
             batch["item"], batch["item_genres"], batch["hist_items"], batch["hist_genres"])
+        cache: dict[int, Any] = self.__dict__.setdefault("_distinct_cache", {})
+        cache[id(batch["item"])] = (batch["item"], found)  # the tensor pins its id
+        while len(cache) > 4:  # prefetch runs a batch or two ahead
+            del cache[next(iter(cache))]
+        uniq, uniq_genres, _ = found
         return [(self.item_emb, uniq), (self.genre_emb, uniq_genres),
                 (self.user_emb, batch["user"])]
+
+    def _distinct(self, item: torch.Tensor, item_genres: torch.Tensor,
+                  hist_items: torch.Tensor, hist_genres: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = self.__dict__.get("_distinct_cache")
+        if cache:
+            hit = cache.pop(id(item), None)
+            if hit is not None and hit[0] is item:
+                return hit[1]  # type: ignore[no-any-return]
+        return self.distinct_items(item, item_genres, hist_items, hist_genres)
 
     def forward(self, user: torch.Tensor, item: torch.Tensor, item_genres: torch.Tensor,
                 hist_items: torch.Tensor, hist_genres: torch.Tensor) -> torch.Tensor:
         """Logits of the click (rating >= 4) probability, ``[B]``."""
         # each distinct item of the batch is embedded once (one lookup per table, few
         # rows), then gathered back to the target slot 0 and the history slots
-        uniq, uniq_genres, inverse = self.distinct_items(item, item_genres, hist_items,
-                                                         hist_genres)
+        uniq, uniq_genres, inverse = self._distinct(item, item_genres, hist_items, hist_genres)
         both = self.embed_items(uniq, uniq_genres)[inverse]
         target, hist = both[:, 0], both[:, 1:]
         mask = (hist_items > 0).to(hist.dtype)
