@@ -142,24 +142,27 @@ class DistributedEmbedding(_RemoteRows, nn.Embedding):  # type: ignore[misc]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name)
         """Embeddings of ``input`` (any shape) → ``input.shape + (embedding_dim,)``."""
-        plan = self._planned(input)
-        if plan is not None:  # the step's pull already checked and de-duplicated these ids
+        found = self._planned(input)
+        if found is not None:  # the step's pull already checked, de-duplicated and pulled
+            plan, mark, rows = found
             backend = _backend()
-            rows = backend.rows_tensor(self.remote, plan.unique_ids,
-                                       self.remote.rows(plan.unique_ids))
-            return self._output(backend.place(rows, plan), input)
+            rows = self.remote.exact_rows(plan.unique_ids, mark, rows)
+            tensor = backend.rows_tensor(self.remote, plan.unique_ids, rows)
+            return self._output(backend.place(tensor, plan), input)
         return self._output(_backend().lookup(self.remote, input), input)
 
-    def _planned(self, input: torch.Tensor) -> LookupPlan | None:  # noqa: A002
-        """The plan :class:`~xdl.adapters.torch_nn.StepPull` made for exactly these ids."""
+    def _planned(self, input: torch.Tensor  # noqa: A002
+                 ) -> tuple[LookupPlan, int | None, np.ndarray] | None:
+        """``(plan, push mark, rows)`` that :class:`~xdl.adapters.torch_nn.StepPull`
+        pulled for exactly these ids this step, if any."""
         plans = self.__dict__.get("_step_plans")
         if not plans:
             return None
-        for i, (ids, plan) in enumerate(plans):
+        for i, (ids, plan, mark, rows) in enumerate(plans):
             if (ids.dtype == input.dtype and ids.shape == input.shape
                     and ids.device == input.device and torch.equal(ids, input)):
                 del plans[i]
-                return plan  # type: ignore[no-any-return]
+                return plan, mark, rows
         return None
 
     def extra_repr(self) -> str:

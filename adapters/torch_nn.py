@@ -30,7 +30,7 @@ from xdl import init as xinit
 from xdl import surgery
 from xdl.errors import InvalidArgumentError
 from xdl.hookspecs import hookimpl
-from xdl.lookup import RemoteTable, prefetch_many
+from xdl.lookup import RemoteTable, prefetch_many, pull_now
 from xdl.surgery import LayerAdapter, LayerSpec, LeftReference
 from xdl.wrapper import Lookup, prefetch_batches, torch_wrapper
 
@@ -382,8 +382,8 @@ class StepPull:
     module's ids derive from the model's inputs: the input itself, a view of it, or
     columns of a 2-D input cast to integers (DeepCTR-torch's ``X[:, a:b].long()``). From
     then on it takes those ids from each forward's inputs and pulls them at once, in the
-    calling thread (:func:`xdl.lookup.prefetch_many` with ``background=False``; exact:
-    it waits for the previous step's pushes).
+    calling thread (:func:`xdl.lookup.pull_now`; exact: it waits for the previous
+    step's pushes); each lookup whose ids equal a pulled set takes its rows and plan.
     A lookup whose ids it could not derive, or that turn out different, pulls as
     before; a prefetch no lookup consumed is dropped at the next forward. It stands
     aside while the user's own prefetch (:func:`prefetch`) feeds the tables.
@@ -399,7 +399,6 @@ class StepPull:
         self.routes: list[tuple[Any, tuple[Any, ...], str, Any]] | None = None
         self._seen: list[tuple[Any, Any]] = []
         self._recorders: list[Any] = []
-        self._issued: list[tuple[RemoteTable, object]] = []
         self._planned: list[Any] = []
         self._depth = 0
         self._handles = [
@@ -442,12 +441,6 @@ class StepPull:
         planned, self._planned = self._planned, []
         for module in planned:
             module.__dict__.get("_step_plans", []).clear()
-        issued, self._issued = self._issued, []
-        by_remote: dict[int, tuple[RemoteTable, list[object]]] = {}
-        for remote, handle in issued:
-            by_remote.setdefault(id(remote), (remote, []))[1].append(handle)
-        for remote, handles in by_remote.values():
-            remote.discard_prefetches(handles)
 
     def _before(self, model: Any, args: Any, kwargs: Any) -> None:
         self._depth += 1
@@ -460,29 +453,28 @@ class StepPull:
         if not self.routes:
             return
         leaves = dict(_tensor_leaves(args, kwargs, self._torch))
-        requests: list[tuple[RemoteTable, Any]] = []
-        plans = []
+        lookups: list[tuple[RemoteTable, np.ndarray]] = []
+        planned = []
         for module, path, kind, detail in self.routes:
             leaf = leaves.get(path)
             if leaf is None:
                 continue
             remote = module.remote
             if remote.pending_prefetches:  # the user's prefetch feeds this table
-                self._drop_unused()
                 return
             ids = _ids_of(leaf, kind, detail, self._torch)
             try:
                 plan = remote.plan(ids)  # checked and de-duplicated once, for the lookup too
             except InvalidArgumentError:  # not this module's ids after all: it pulls itself
                 continue
-            requests.append((remote, ids))
-            plans.append(plan)
-            module.__dict__.setdefault("_step_plans", []).append((ids, plan))
+            lookups.append((remote, plan.unique_ids))
+            planned.append((module, ids, plan))
+        if not lookups:
+            return
+        pulled = pull_now(lookups)
+        for (module, ids, plan), (mark, rows) in zip(planned, pulled, strict=True):
+            module.__dict__.setdefault("_step_plans", []).append((ids, plan, mark, rows))
             self._planned.append(module)
-        if requests:
-            handles = prefetch_many(requests, plans=plans, background=False)
-            self._issued = [(remote, h) for (remote, _), h in zip(requests, handles,
-                                                                    strict=True)]
 
     def _after(self, model: Any, args: Any, kwargs: Any, output: Any) -> None:
         self._depth -= 1

@@ -361,6 +361,16 @@ class RemoteTable:
                               include_last_offset=include_last_offset)
         return plan, self.rows(plan.lookup.unique_ids)
 
+    def exact_rows(self, unique_ids: np.ndarray, mark: int | None, rows: np.ndarray
+                   ) -> np.ndarray:
+        """``rows`` of ``unique_ids`` pulled at push mark ``mark`` (:func:`pull_now`),
+        made exact for a lookup now: this table's buffered gradients are pushed first, and
+        the rows pushes since ``mark`` touched are pulled again (none, usually)."""
+        self.buffer.flush(self.client, self.table)
+        if mark is not None and self._push_mark() == mark:
+            return rows
+        return self._patch(unique_ids, mark, rows, None)[1]
+
     def add_gradients(self, unique_ids: np.ndarray, grads: np.ndarray) -> None:
         """Hand a lookup's row gradients ``[U, dim]`` (of ``unique_ids``) to the step's
         gradient buffer; pushed, summed with the step's other lookups of this table, at
@@ -580,6 +590,35 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = 
     return [handles[pos] for pos in range(len(requests))]
 
 
+def pull_now(lookups: Sequence[tuple[RemoteTable, np.ndarray]]
+             ) -> list[tuple[int | None, np.ndarray]]:
+    """Rows of several lookups' unique ids, pulled now with one ``client.pull_many`` per
+    client (one request per shard for every table; a table named twice pulled once),
+    after the tables' buffered gradients are pushed and their pushes applied. Returns,
+    per lookup, ``(push mark, rows)`` for :meth:`RemoteTable.exact_rows`."""
+    out: dict[int, tuple[int | None, np.ndarray]] = {}
+    groups: dict[int, list[int]] = {}
+    for pos, (remote, _) in enumerate(lookups):
+        groups.setdefault(id(remote.client), []).append(pos)
+    for where in groups.values():
+        remotes = [lookups[i][0] for i in where]
+        uniques = [lookups[i][1] for i in where]
+        client = remotes[0].client
+        if not hasattr(client, "pull_many"):
+            for i, remote, unique in zip(where, remotes, uniques, strict=True):
+                remote.wait_pushes()
+                out[i] = (remote._push_mark(), remote._pull(unique))
+            continue
+        for buffer in {id(r.buffer): r.buffer for r in remotes}.values():
+            buffer.flush(client)
+        futures: list[Future[_Rows]] = [Future() for _ in where]
+        _pull_group(remotes, uniques, futures, True)
+        for i, future in zip(where, futures, strict=True):
+            mark, rows, _ = future.result()
+            out[i] = (mark, rows)
+    return [out[pos] for pos in range(len(lookups))]
+
+
 def _pull_group(remotes: list[RemoteTable], uniques: list[np.ndarray],
                 futures: list[Future[_Rows]], exact: bool) -> None:
     """The background half of :func:`prefetch_many`: one ``pull_many``, results split."""
@@ -642,4 +681,5 @@ __all__ = [
     "plan_bags",
     "plan_lookup",
     "prefetch_many",
+    "pull_now",
 ]
