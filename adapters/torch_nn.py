@@ -341,9 +341,14 @@ def _route(ids: Any, leaves: list[tuple[tuple[Any, ...], Any]], torch: Any
         if leaf is ids:
             return path, "same", None
     for path, leaf in leaves:  # a view of an input (a column slice, a reshape)
-        if (leaf.device == ids.device and leaf.dtype == ids.dtype and ids.numel()
-                and leaf.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()):
-            return path, "view", (tuple(ids.size()), tuple(ids.stride()), ids.storage_offset())
+        try:
+            same = (leaf.device == ids.device and leaf.dtype == ids.dtype and ids.numel() > 0
+                    and leaf.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
+            same = False
+        if same:
+            return path, "view", (tuple(leaf.shape), tuple(ids.size()), tuple(ids.stride()),
+                                  ids.storage_offset() - leaf.storage_offset())
     if ids.dim() not in (1, 2) or ids.numel() == 0 or ids.is_floating_point():
         return None
     width = 1 if ids.dim() == 1 else ids.shape[1]
@@ -363,8 +368,10 @@ def _ids_of(leaf: Any, kind: str, detail: Any, torch: Any) -> Any:
     if kind == "same":
         return leaf
     if kind == "view":
-        size, stride, offset = detail
-        return leaf.as_strided(size, stride, offset)
+        shape, size, stride, offset = detail
+        if tuple(leaf.shape) != shape:  # a smaller last batch: the view is not known
+            return None
+        return leaf.as_strided(size, stride, leaf.storage_offset() + offset)
     start, width, flat = detail
     ids = leaf[:, start:start + width]
     ids = ids if not ids.is_floating_point() else ids.to(torch.int64)
@@ -462,11 +469,13 @@ class StepPull:
             remote = module.remote
             if remote.pending_prefetches:  # the user's prefetch feeds this table
                 return
-            ids = _ids_of(leaf, kind, detail, self._torch)
             try:
+                ids = _ids_of(leaf, kind, detail, self._torch)
+                if ids is None:
+                    continue
                 plan = remote.plan(ids)  # checked and de-duplicated once, for the lookup too
-            except InvalidArgumentError:  # not this module's ids after all: it pulls itself
-                continue
+            except (InvalidArgumentError, RuntimeError, IndexError):
+                continue  # not this module's ids after all: it pulls in its own forward
             lookups.append((remote, plan.unique_ids))
             planned.append((module, ids, plan))
         if not lookups:

@@ -451,3 +451,57 @@ def test_without_a_flush_point_gradients_are_pushed_before_the_next_pull(
     assert len(client.pushes) == 4  # one merged push per step
     np.testing.assert_allclose(client.pull("embedding", np.arange(12)),
                                local_emb.weight.detach().numpy(), atol=1e-6)
+
+
+class ColumnViews(nn.Module):
+    """Two tables fed views of one id input: ``x[:, 0]`` and ``x[:, 1:3]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Embedding(20, 4)
+        self.b = nn.Embedding(30, 4)
+        self.out = nn.Linear(12, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([self.a(x[:, 0]), self.b(x[:, 1:3]).flatten(1)], 1)
+        return self.out(both).squeeze(-1)
+
+
+def test_step_pull_takes_views_of_inputs_and_skips_a_smaller_last_batch() -> None:
+    rng = np.random.default_rng(3)
+    sizes = [16, 16, 16, 5]
+    xs = [torch.from_numpy(np.stack([rng.integers(0, 20, n), rng.integers(0, 30, n),
+                                     rng.integers(0, 30, n)], 1)) for n in sizes]
+    ys = [torch.from_numpy((rng.random(n) < 0.5).astype(np.float32)) for n in sizes]
+    torch.manual_seed(0)
+    local = ColumnViews()
+    torch.manual_seed(0)
+    model = ColumnViews()
+    client = xdl.connect(local_shards=2)
+    try:
+        model = xdl.swap(model, client, optimizer=xdl.optim.SGD(lr=0.1), prefix="views.")
+        calls: list[list[str]] = []
+        original = client.pull_many
+        client.pull_many = lambda r, **kw: calls.append(sorted(r)) or original(r, **kw)  # type: ignore[method-assign]
+        local_opt = torch.optim.SGD(local.parameters(), lr=0.1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = nn.BCEWithLogitsLoss()
+        for x, y in zip(xs, ys, strict=True):
+            for m, o in ((local, local_opt), (model, opt)):
+                o.zero_grad()
+                loss = loss_fn(m(x), y)
+                loss.backward()
+                o.step()
+                if m is local:
+                    expected = loss.item()
+            assert loss.item() == pytest.approx(expected, abs=1e-6)
+        # the first forward learns the routes; the last, smaller batch's views are not
+        # known (each layer pulls in its own forward); the two between: one pull_many
+        assert calls == [["views.a", "views.b"]] * 2
+        for name in ("a", "b"):
+            np.testing.assert_allclose(client.pull(f"views.{name}", np.arange(20)),
+                                       getattr(local, name).weight.detach().numpy()[:20],
+                                       rtol=0, atol=1e-6)
+        xdl.unswap(model, client)
+    finally:
+        client.close()
