@@ -28,7 +28,9 @@ import functools
 import inspect
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,14 +90,18 @@ def _id_tensor(ids: Any) -> Any:
     return ids
 
 
-def _step_rows(remotes: Sequence[RemoteTable], uniques: Sequence[np.ndarray]
-               ) -> list[np.ndarray]:
+def _step_rows(remotes: Sequence[RemoteTable], uniques: Sequence[np.ndarray], *,
+               wait: bool = True) -> list[np.ndarray]:
     """Rows ``float32 [U_i, dim_i]`` of several lookups of one step (``uniques[i]`` of
     ``remotes[i]``), as :meth:`xdl.lookup.RemoteTable.rows` gives them, with one round
     trip: buffered gradients are pushed first; a lookup whose table has a prefetch
     pending takes it (``rows``); the others are pulled together, with one
     ``client.pull_many`` per client (after waiting for the tables' pushes when
-    ``sync_push``; a table looked up twice is pulled once)."""
+    ``sync_push`` and ``wait``; a table looked up twice is pulled once).
+
+    ``wait=False`` is for a prefetch sent right after a push: requests to one shard are
+    applied in order, so the pull sees the push (as the core's exact prefetch relies
+    on)."""
     out: list[np.ndarray | None] = [None] * len(remotes)
     flushed: set[tuple[int, int]] = set()
     groups: dict[int, dict[str, list[int]]] = {}  # client → table → positions
@@ -114,7 +120,7 @@ def _step_rows(remotes: Sequence[RemoteTable], uniques: Sequence[np.ndarray]
         request: dict[str, np.ndarray] = {}
         splits: dict[str, tuple[np.ndarray, list[int]]] = {}
         for table, where in tables.items():
-            if remotes[where[0]].sync_push:
+            if wait and remotes[where[0]].sync_push:
                 remotes[where[0]].buffer.wait(client, table)
             if len(where) == 1:
                 request[table] = uniques[where[0]]
@@ -137,6 +143,131 @@ def _step_rows(remotes: Sequence[RemoteTable], uniques: Sequence[np.ndarray]
                 out[i] = rows[inverse[start:start + size]]
                 start += size
     return out  # type: ignore[return-value]
+
+
+class _StepPipeline:
+    """A training loop's network work off its critical path (numpy and threads only).
+
+    A step's push is sent by a background thread (the step goes on with its dense
+    update meanwhile), which then, when the rows of the coming step were announced
+    (:meth:`announce`, by ``TrainStep.prefetch``), pulls those rows with one
+    ``client.pull_many``, sent right after the push (a shard applies a client's requests
+    in order, so the pull sees the push, as the core's exact prefetch relies on). The coming step
+    takes them (:meth:`take`) only if its lookups are the announced ones and no push to
+    their tables was issued since the pull (push marks): exact, as a pull in the step.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._job: Future[Any] | None = None  # the last push (and the coming pull)
+        self._coming: deque[tuple[list[RemoteTable], list[np.ndarray]]] = deque(maxlen=4)
+        self._ready: Future[Any] | None = None  # (remotes, uniques, marks, rows)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="xdl-tf-step")
+            return self._executor.submit(fn, *args)
+
+    def announce(self, remotes: list[RemoteTable], uniques: list[np.ndarray]) -> None:
+        """The lookups of a coming step; pulled now when no step is in flight, else
+        right after the running step's push."""
+        with self._lock:
+            self._coming.append((remotes, uniques))
+            idle = self._job is None and self._ready is None
+        if idle:
+            self._ready = self._submit(self._pull_coming)
+
+    def push(self, flush: Callable[[], None], parts: list[tuple[RemoteTable, np.ndarray,
+                                                                 np.ndarray]]) -> None:
+        """Hand a step's row gradients ``(remote, unique ids, grads)`` (owned: not
+        reused by the caller) to the buffer and push them in the background; then pull
+        the announced coming step's rows."""
+        self.wait()
+
+        def job() -> Any:
+            for remote, unique, grad in parts:
+                remote.add_gradients(unique, grad)
+            flush()
+            return self._pull_coming()
+
+        self._job = self._ready = self._submit(job)
+
+    def _pull_coming(self) -> Any:
+        with self._lock:
+            if not self._coming:
+                return None
+            remotes, uniques = self._coming.popleft()
+        marks = [_push_mark(r) for r in remotes]
+        if any(m is None for m in marks) or any(r.pending_prefetches for r in remotes):
+            return None
+        # sent after the push: a shard applies a client's requests in order
+        rows = _step_rows(remotes, uniques, wait=False)
+        return remotes, uniques, marks, rows
+
+    def take(self, remotes: list[RemoteTable], uniques: list[np.ndarray]
+             ) -> list[np.ndarray] | None:
+        """The pulled rows when they are these lookups' and still exact, else None
+        (after the running step's push is done: the caller then pulls)."""
+        ready, self._ready = self._ready, None
+        self.wait()
+        if ready is None:
+            return None
+        got = ready.result()
+        if got is None:
+            return None
+        was_remotes, was_uniques, marks, rows = got
+        if (len(was_remotes) != len(remotes)
+                or any(a is not b for a, b in zip(was_remotes, remotes, strict=True))
+                or any(not np.array_equal(a, b) for a, b in zip(was_uniques, uniques,
+                                                                 strict=True))
+                or any(_push_mark(r) != m for r, m in zip(remotes, marks, strict=True))):
+            with self._lock:  # announced lookups that did not come: forgotten
+                self._coming.clear()
+            return None
+        return rows  # type: ignore[no-any-return]
+
+    def wait(self) -> None:
+        """Wait for the running step's push (raises its error)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        """Wait for the push, forget announced lookups, stop the thread."""
+        try:
+            self.wait()
+        finally:
+            with self._lock:
+                executor, self._executor = self._executor, None
+                self._coming.clear()
+                self._ready = None
+            if executor is not None:
+                executor.shutdown(wait=True)
+
+
+def _push_mark(remote: RemoteTable) -> int | None:
+    mark = getattr(remote.client, "push_mark", None)
+    return None if mark is None else int(mark(remote.table))
+
+
+def _plans(remotes: Sequence[RemoteTable], layout: Sequence[Any], ids: Sequence[Any],
+           offsets: Sequence[Any]) -> list[Any]:
+    """The checked, de-duplicated plan of each lookup of a step (bag plans for specs
+    with a combiner)."""
+    plans: list[Any] = []
+    for remote, (_, _, spec), raw, offs in zip(remotes, layout, ids, offsets, strict=True):
+        if spec.combiner is not None:
+            plans.append(remote.plan_bags(np.asarray(raw), offs, combiner=spec.combiner))
+        else:
+            plans.append(remote.plan(np.asarray(raw)))
+    return plans
+
+
+def _unique_of(plan: Any) -> np.ndarray:
+    lookup = getattr(plan, "lookup", plan)  # a BagPlan holds its LookupPlan
+    return lookup.unique_ids  # type: ignore[no-any-return]
 
 
 def _bag_values(rows: Any, inverse: Any, bag: Any, coef: Any, num_bags: Any) -> Any:
@@ -395,6 +526,7 @@ class TrainStep:
         self.dense_variables: list[Any] = []
         self._steps: dict[Any, Any] = {}
         self._dense_sync: Any = None
+        self._pipeline = _StepPipeline()
         functools.update_wrapper(self, fn)
 
     # -- one call ------------------------------------------------------------------------
@@ -404,14 +536,7 @@ class TrainStep:
         if self.server_optimizer is not None and self._dense_sync is None:
             self.predict(*args, **kwargs)  # creates the dense variables, nothing trained
             self._share_dense()
-        layout, outputs, dense_grads, uniques, row_grads = self._run(True, args, kwargs)
-        # the step's gradients are complete: to the buffer, then one push for every table
-        for (_, _, spec), unique, grad in zip(layout, uniques, row_grads, strict=True):
-            if grad is not None:
-                unique = np.asarray(unique)
-                self.xdl.remote(spec).add_gradients(
-                    unique, _float_rows(np.asarray(grad)[:unique.size]))
-        self._flush()
+        _, outputs, dense_grads = self._run(True, args, kwargs)[:3]
         if self._dense_sync is not None:
             values = self._dense_sync.step([None if g is None else np.asarray(g)
                                             for g in dense_grads])
@@ -420,18 +545,24 @@ class TrainStep:
         return outputs
 
     def prefetch(self, *args: Any, exact: bool = True, **kwargs: Any) -> None:
-        """Start pulling, in the background, the rows of a coming call with these
-        arguments (the next call whose lookups have the same unique ids uses them; see
-        :meth:`xdl.lookup.RemoteTable.prefetch`). With ``xdl.prefetch_batches``::
+        """Announce a coming call with these arguments: its rows are pulled in the
+        background, with one ``client.pull_many`` for every table, right after the running
+        step's push (at once when no step runs), while that step finishes; the call
+        takes them when its lookups are these and no push touched the tables since, so
+        training with prefetch equals training without it. With
+        ``xdl.prefetch_batches``::
 
             for batch in xdl.prefetch_batches(loader, lambda b: model_fn.prefetch(*inputs(b))):
                 loss, prob = model_fn(*inputs(batch))
-        """
-        from xdl.lookup import prefetch_many
 
-        layout, ids, _, _ = self._split(args, kwargs)
-        prefetch_many([(self.xdl.remote(spec), np.asarray(value))
-                       for (_, _, spec), value in zip(layout, ids, strict=True)], exact=exact)
+        :param exact: accepted for symmetry with :meth:`xdl.lookup.RemoteTable.prefetch`;
+            the rows are always exact here.
+        """
+        layout, ids, offsets, _ = self._split(args, kwargs)
+        remotes = [self.xdl.remote(spec) for _, _, spec in layout]
+        plans = _plans(remotes, layout, [np.asarray(v) for v in ids],
+                       [None if o is None else np.asarray(o) for o in offsets])
+        self._pipeline.announce(remotes, [_unique_of(p) for p in plans])
 
     def _flush(self) -> None:
         seen: set[tuple[int, int]] = set()
@@ -447,11 +578,15 @@ class TrainStep:
 
     def wait_pushes(self) -> None:
         """Push what is buffered and wait until every push of these tables is applied."""
+        self._pipeline.wait()
         self.xdl.wait_pushes()
 
     def close(self) -> None:
-        """Wait for the pushes and stop prefetch threads."""
-        self.xdl.close()
+        """Wait for the pushes and stop the background threads."""
+        try:
+            self._pipeline.close()
+        finally:
+            self.xdl.close()
 
     # -- internals -----------------------------------------------------------------------
 
@@ -494,8 +629,8 @@ class TrainStep:
         return tuple(layout), ids, offsets, rest
 
     def _run(self, train: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``(layout, outputs, dense gradients, unique ids, row gradients)`` of one call
-        (the last three None when not training)."""
+        """``(layout, outputs, dense gradients, push marker)`` of one call (the last two
+        None when not training)."""
         layout, ids, offsets, rest = self._split(args, kwargs)
         key = (train, layout)
         step = self._steps.get(key)
@@ -505,10 +640,10 @@ class TrainStep:
                                        if self.graph else body)
         if train:
             return (layout, *step(ids, offsets, rest))
-        return layout, step(ids, offsets, rest), None, None, None
+        return layout, step(ids, offsets, rest), None, None
 
     def _lookups(self, layout: tuple[Any, ...], ids: list[Any], offsets: list[Any],
-                 tape: Any) -> tuple[list[Any], list[Any], list[Any]]:
+                 tape: Any, train: bool) -> tuple[list[Any], list[Any], list[Any]]:
         """Every lookup of the step at once: ``(embeddings, rows, unique ids)``.
 
         One host callback (``tf.numpy_function``; called directly when eager) checks and
@@ -526,18 +661,15 @@ class TrainStep:
 
         def forward(*arrays: np.ndarray) -> list[np.ndarray]:
             n = len(remotes)
-            plans: list[Any] = []
-            for i, (remote, (_, _, spec)) in enumerate(zip(remotes, layout, strict=True)):
-                raw = np.asarray(arrays[i])
-                if bags[i]:
-                    plans.append(remote.plan_bags(raw, arrays[n + i] if has_offs[i] else None,
-                                                  combiner=spec.combiner))
-                else:
-                    plans.append(remote.plan(raw))
-            uniques = [p.lookup.unique_ids if bags[i] else p.unique_ids
-                       for i, p in enumerate(plans)]
+            plans = _plans(remotes, layout, arrays[:n],
+                           [arrays[n + i] if has_offs[i] else None for i in range(n)])
+            uniques = [_unique_of(p) for p in plans]
+            got = self._pipeline.take(remotes, uniques) if train else None
+            if got is None:
+                self._pipeline.wait()
+                got = _step_rows(remotes, uniques)
             out: list[np.ndarray] = []
-            for i, rows in enumerate(_step_rows(remotes, uniques)):
+            for i, rows in enumerate(got):
                 plan, rows = plans[i], _float_rows(rows)
                 if bags[i]:
                     coef = (plan.coef if plan.coef is not None
@@ -589,7 +721,8 @@ class TrainStep:
         # predict watches too before the dense variables are shared: it finds them
         watch = train or (self.server_optimizer is not None and self._dense_sync is None)
         with tf.GradientTape(watch_accessed_variables=watch) as tape:
-            embs, rows, uniques = self._lookups(layout, ids, offsets, tape if train else None)
+            embs, rows, uniques = self._lookups(layout, ids, offsets,
+                                                tape if train else None, train)
             arguments = dict(rest)
             for (arg, item, _), emb in zip(layout, embs, strict=True):
                 if item is None:
@@ -608,16 +741,45 @@ class TrainStep:
             return outputs
         loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
         grads = tape.gradient(loss, rows + dense)
-        row_grads = [None if g is None else tf.convert_to_tensor(g) for g in grads[:len(rows)]]
         dense_grads = grads[len(rows):]
+        pushed = self._push(layout, uniques, grads[:len(rows)])
         if self.optimizer is not None:
             pairs = [(g, v) for g, v in zip(dense_grads, dense, strict=True) if g is not None]
             if pairs:
-                self.optimizer.apply_gradients(pairs)
+                with tf.control_dependencies(pushed):
+                    self.optimizer.apply_gradients(pairs)
         # only the dense gradients the shards need leave the function
-        dense_grads = ([None if g is None else tf.convert_to_tensor(g) for g in dense_grads]
-                       if self.server_optimizer is not None else [])
-        return outputs, dense_grads, uniques, row_grads
+        with tf.control_dependencies(pushed):
+            dense_grads = ([None if g is None else tf.identity(tf.convert_to_tensor(g))
+                            for g in dense_grads] if self.server_optimizer is not None else [])
+            return outputs, dense_grads, [tf.identity(p) for p in pushed]
+
+    def _push(self, layout: tuple[Any, ...], uniques: list[Any], grads: list[Any]
+              ) -> list[Any]:
+        """Hand the rows' gradients to the buffer and push them, one push for every table,
+        as soon as they are computed, in the background (:class:`_StepPipeline`: the
+        dense update runs meanwhile). In a graph: one host callback (returns it, the
+        dense update depends on it); eagerly: now (returns [])."""
+        tf = _tf()
+        taken = [i for i, g in enumerate(grads) if g is not None]
+        remotes = [self.xdl.remote(layout[i][2]) for i in taken]
+
+        def push(*arrays: np.ndarray) -> np.ndarray:
+            parts = []
+            for k, remote in enumerate(remotes):  # copies: TensorFlow reuses its buffers
+                unique = np.array(arrays[k], dtype=np.int64)
+                grad = np.array(arrays[len(remotes) + k][:unique.size], dtype=np.float32)
+                parts.append((remote, unique, grad))
+            self._pipeline.push(self._flush, parts)
+            return _ZERO
+
+        args = [uniques[i] for i in taken] + [tf.convert_to_tensor(grads[i]) for i in taken]
+        if not taken:
+            return []
+        if tf.executing_eagerly():
+            push(*[a.numpy() for a in args])
+            return []
+        return [tf.numpy_function(push, args, tf.float32, stateful=True, name="xdl_push_step")]
 
     def _share_dense(self) -> None:
         """Put the dense variables on the shards (the first worker's values win) and start

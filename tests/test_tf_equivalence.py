@@ -164,3 +164,40 @@ def test_keras_fit_with_adagrad_matches_local(clients: dict[str, Any]) -> None:
                                local.get_layer("emb").embeddings.numpy(), rtol=0, atol=TOL)
     np.testing.assert_allclose(model.predict(ids[:64], verbose=0),
                                local.predict(ids[:64], verbose=0), rtol=0, atol=TOL)
+
+
+def test_tf_wrapper_with_prefetch_matches_local(clients: dict[str, Any]) -> None:
+    """``model_fn.prefetch`` of the coming batch (pulled right after the running step's
+    push, one pull_many for every table): training equals local training, also when an
+    announced batch does not come (every 10th step announces a wrong one)."""
+    local_losses, local_table, local_dense = local_run("adagrad", True)
+    client = clients["3-shards"]
+    mlp = head()
+
+    @xdl.tf_wrapper(client, optimizer=keras.optimizers.Adagrad(LR))
+    def model_fn(emb: Any, other: Any, label: Any) -> Any:
+        logit = tf.squeeze(mlp(emb), -1) + 0.0 * tf.reduce_sum(other)
+        return bce(label, logit), tf.sigmoid(logit)
+
+    spec = server_optimizer(keras.optimizers.Adagrad(LR))
+    used = 0
+
+    def inputs(batch: tuple[np.ndarray, np.ndarray]) -> tuple[Any, ...]:
+        ids, label = batch
+        return (xdl.embedding("eq-prefetch", ids, DIM, combiner="sum", initializer=INIT,
+                              seed=SEED, optimizer=spec),
+                xdl.embedding("eq-prefetch-other", ids[:, 0], 4, optimizer=spec), label)
+
+    def schedule(batch: tuple[np.ndarray, np.ndarray]) -> None:
+        nonlocal used
+        used += 1
+        model_fn.prefetch(*inputs(batch if used % 10 else (batch[0] + 1, batch[1])))
+
+    losses = [float(model_fn(*inputs(b))[0])
+              for b in xdl.prefetch_batches(data(), schedule)]
+    model_fn.close()
+    np.testing.assert_allclose(losses, local_losses, rtol=0, atol=TOL)
+    np.testing.assert_allclose(client.pull("eq-prefetch", np.arange(VOCAB)), local_table,
+                               rtol=0, atol=TOL)
+    for got, want in zip(mlp.trainable_variables, local_dense, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=TOL)
