@@ -138,9 +138,10 @@ class DistributedEmbedding:
 
 class _PushAfterUpdate:
     """The anchor's constraint: Keras applies a variable's constraint right after the
-    optimizer's update, so this is where a step's gradients of the table are complete
-    and are pushed (one push per table per step; without it they would be pushed before
-    the table's next pull, just as exactly, only later)."""
+    optimizer's update, so this is where a step's gradients are complete and are pushed:
+    every table of the client at once (one ``push_many``; one push per table per step).
+    Without it they would be pushed before the table's next pull, just as exactly, only
+    later."""
 
     def __init__(self, remote: RemoteTable) -> None:
         self.remote = remote
@@ -151,7 +152,10 @@ class _PushAfterUpdate:
         remote = self.remote
 
         def push(value: np.ndarray) -> np.ndarray:
-            remote.buffer.flush(remote.client, remote.table)
+            # every table of the client: the step's gradients are all in (the tape's
+            # gradients come before the update), so the model's tables go in one
+            # push_many; the other anchors' constraints then find nothing to push
+            remote.buffer.flush(remote.client)
             return value
 
         value = tf.convert_to_tensor(anchor)
