@@ -488,16 +488,18 @@ class TrainStep:
 
     The function is ordinary TensorFlow code that returns its loss first (then any
     outputs). Its sparse arguments are :func:`xdl.embedding` descriptions (or ids of the
-    arguments named in ``tables``); a call looks them up (rows of the unique ids pulled
-    or prefetched), runs the function under a ``tf.GradientTape``, takes the gradients
-    of the loss for the rows and for the dense variables the function read, hands the
-    rows' gradients to the push (one per table per step, all tables' pushes sent together
-    when the step returns) and applies the dense ones:
-    with the Keras ``optimizer``, or on the shards (``server_optimizer``, async or sync
-    across workers). Returns what the function returned.
+    arguments named in ``tables``); a call looks them all up in one host callback (rows
+    of the unique ids of every table pulled with one ``client.pull_many``, or
+    prefetched), runs the function under a ``tf.GradientTape``, takes the gradients of
+    the loss for the rows and for the dense variables the function read, hands the
+    rows' gradients to one push for every table (``client.push_many``, sent by a
+    background thread as soon as they are computed: :class:`_StepPipeline`) and applies
+    the dense ones: with the Keras ``optimizer``, or on the shards
+    (``server_optimizer``, async or sync across workers). Returns what the function
+    returned.
 
     :meth:`predict` runs the function forward only. ``wait_pushes()`` / ``close()``
-    flush and wait for the pushes (``close`` also stops prefetch threads); ``xdl`` is
+    flush and wait for the pushes (``close`` also stops the background thread); ``xdl`` is
     the core's :class:`xdl.wrapper.Wrapper` (client, tables).
     """
 
