@@ -3,9 +3,10 @@ server versus locally, measured in the same run, at batch 256 and 1024.
 
 Two pairs, each the same model and the same batches (``examples/din_tf.py``):
 
-* ``wrapper``: the ``@xdl.tf_wrapper`` step (one ``tf.function``, lookups through host
-  callbacks, the next batch's rows prefetched exactly while a step runs, unless
-  ``--no-prefetch``) versus the same
+* ``wrapper``: the ``@xdl.tf_wrapper`` step (one ``tf.function``; every lookup in one
+  host callback with one ``pull_many``, one ``push_many`` sent in the background; the
+  next batch announced with ``prefetch`` and its rows pulled right after the push,
+  exactly, unless ``--no-prefetch``) versus the same
   model function with local ``tf.Variable`` tables and the same Adagrad, in one
   ``tf.function`` step;
 * ``keras`` (``--keras``): the Keras DIN swapped onto the shards and trained with
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 server_s, local_s = keras_rounds(client, data, rows, batch_size, args.batches,
                                                  args.rounds, not args.async_push)
                 ratios.append(report("keras", batch_size, args.batches, server_s, local_s))
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 1 if args.strict and min(ratios) < TARGET_RATIO else 0
 
 
