@@ -177,7 +177,9 @@ class _StepPipeline:
             self._coming.append((remotes, uniques))
             idle = self._job is None and self._ready is None
         if idle:
-            self._ready = self._submit(self._pull_coming)
+            future = self._submit(self._pull_coming)
+            with self._lock:
+                self._ready = future
 
     def push(self, flush: Callable[[], None], parts: list[tuple[RemoteTable, np.ndarray,
                                                                  np.ndarray]]) -> None:
@@ -192,7 +194,9 @@ class _StepPipeline:
             flush()
             return self._pull_coming()
 
-        self._job = self._ready = self._submit(job)
+        future = self._submit(job)
+        with self._lock:
+            self._job = self._ready = future
 
     def _pull_coming(self) -> Any:
         with self._lock:
@@ -210,7 +214,8 @@ class _StepPipeline:
              ) -> list[np.ndarray] | None:
         """The pulled rows when they are these lookups' and still exact, else None
         (after the running step's push is done: the caller then pulls)."""
-        ready, self._ready = self._ready, None
+        with self._lock:
+            ready, self._ready = self._ready, None
         self.wait()
         if ready is None:
             return None
@@ -230,7 +235,8 @@ class _StepPipeline:
 
     def wait(self) -> None:
         """Wait for the running step's push (raises its error)."""
-        job, self._job = self._job, None
+        with self._lock:
+            job, self._job = self._job, None
         if job is not None:
             job.result()
 
