@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel -c constraints.txt
 	$(PIP) install -c constraints.txt -e '.[all,dev]'
-	$(PIP) install -c constraints.txt --no-deps tf-keras
+	$(PIP) install -c constraints.txt --no-deps tf-keras deepctr-torch
 	touch $(STAMP)
 
 lint: venv importlint
@@ -40,6 +40,9 @@ demo: venv
 bench: venv
 	$(BIN)/python benchmarks/ps_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/train_throughput_tf.py
+	$(BIN)/python benchmarks/train_throughput_mxnet.py
+	$(BIN)/python benchmarks/deepctr_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
