@@ -151,7 +151,7 @@ class Transport:
             self._stamp(conn, p)
             p.attempts += 1
             p.sent_at = time.monotonic()
-            conn.socket.send_multipart(p.frames, copy=False)
+            codec.send_frames(conn.socket, p.frames)
 
     @staticmethod
     def _finalize(ctx: zmq.Context, conns: list[ShardConnection]) -> None:
@@ -231,7 +231,7 @@ class Transport:
             self._stamp(conn, q.pending)
             q.pending.sent_at = time.monotonic()
             conn.pending[q.seq] = q.pending
-            conn.socket.send_multipart(q.pending.frames, copy=False)
+            codec.send_frames(conn.socket, q.pending.frames)
 
     def _start_sender(self) -> None:
         with self._order_lock:
@@ -284,7 +284,7 @@ class Transport:
             self._receive(conn)
 
     def _receive(self, conn: ShardConnection) -> None:
-        frames = conn.socket.recv_multipart(copy=False)
+        frames = codec.recv_frames(conn.socket)
         try:
             _, header, arrays = codec.decode(frames)
         except XdlError as exc:
@@ -307,7 +307,7 @@ class Transport:
             if q is not None and q.boot != conn.boot:
                 self._stamp(conn, q)
                 q.sent_at = time.monotonic()
-                conn.socket.send_multipart(q.frames, copy=False)
+                codec.send_frames(conn.socket, q.frames)
             return
         p = conn.pending.pop(seq, None)
         if p is None:
@@ -339,7 +339,7 @@ class Transport:
             q = conn.pending[s]
             self._stamp(conn, q)
             q.sent_at = now
-            conn.socket.send_multipart(q.frames, copy=False)
+            codec.send_frames(conn.socket, q.frames)
 
     @staticmethod
     def _stamp(conn: ShardConnection, p: _Pending) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from xdl import codec
 from xdl import init as xinit
 from xdl import optim as xoptim
 from xdl import protocol as P
@@ -138,7 +139,7 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
             # Drain what is queued before polling again.
             for _ in range(64):
                 try:
-                    msg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    msg = codec.recv_frames(sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 size = _serve_one(state, sock, msg, durability, security)
@@ -176,7 +177,7 @@ def _serve_one(state: Shard, sock: zmq.Socket, msg: list[Any], durability: Durab
 
     def send(frames: list[Any], _id: Any = identity) -> None:
         try:
-            sock.send_multipart([_id, *frames], copy=False)
+            codec.send_frames(sock, [_id, *frames])
         except zmq.ZMQError as exc:  # the peer is gone or its queue is full
             log.warning("shard %d: reply not sent: %s", state.shard, exc)
 
