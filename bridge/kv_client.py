@@ -39,6 +39,17 @@ def as_ids(ids: Any, table: str) -> np.ndarray:
     return arr.reshape(-1).astype(np.int64, copy=False)
 
 
+def _merge_repeats(flat: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique ids of ``flat`` (a new array, first-occurrence order) and their summed
+    gradient rows (``g`` itself when nothing repeats)."""
+    uniq, inverse = unique_ids(flat)
+    if inverse is None:
+        return uniq, g
+    summed = np.zeros((uniq.size, g.shape[1]), dtype=np.float32)
+    add_rows(summed, inverse, g)
+    return uniq, summed
+
+
 def unique_ids(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Unique ids of int64 ``flat`` in first-occurrence order, and the inverse index.
 
@@ -47,6 +58,10 @@ def unique_ids(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """
     uniq, inverse = unique_inverse(flat)
     return uniq, (None if uniq.size == flat.size else inverse)
+
+
+def _not_finite(table: str) -> InvalidArgumentError:
+    return InvalidArgumentError("grads hold NaN or Inf values; nothing was sent", table=table)
 
 
 class KeyValueCalls:
@@ -123,7 +138,7 @@ class KeyValueCalls:
             if got is not None and got.shape == (uniq.size, dim):
                 return take_rows(got, inverse)
         rows = np.empty((uniq.size, dim), dtype=np.float32)
-        self._router.scatter(answered, "rows", [routed], [rows], [table])
+        self._router.scatter(answered, "rows", routed, rows, table)
         return rows if inverse is None else take_rows(rows, inverse)
 
     def push(self, table: str, ids: Any, grads: Any, *, unique: bool = False) -> Ticket:
@@ -151,7 +166,9 @@ class KeyValueCalls:
         self._pushlog.record(table, routed.ids, False)
         return Ticket(tuple((s.shard, s.seq) for s in sent))
 
-    def _checked_grads(self, table: str, n: int, grads: Any) -> np.ndarray:
+    def _checked_grads(self, table: str, n: int, grads: Any, *, finite: bool = True
+                       ) -> np.ndarray:
+        """``grads`` as float32 ``[n, dim]``; checked finite unless ``finite=False``."""
         g = np.asarray(grads)
         dim = self._dim(table)
         if g.dtype != np.float32:
@@ -163,33 +180,24 @@ class KeyValueCalls:
             raise InvalidArgumentError(
                 f"grads: expected shape {[n, dim]} (len(ids), dim), got {list(g.shape)}",
                 table=table)
-        if not all_finite(g):
-            raise InvalidArgumentError("grads hold NaN or Inf values; nothing was sent",
-                                       table=table)
+        if finite and not all_finite(g):
+            raise _not_finite(table)
         return g
 
-    def _route_push(self, flat: np.ndarray, g: np.ndarray, unique: bool, *,
-                    private: bool = True) -> tuple[Routed, np.ndarray]:
+    def _route_push(self, flat: np.ndarray, g: np.ndarray, unique: bool
+                    ) -> tuple[Routed, np.ndarray]:
         """Unique ids and their gradients in shard order, both private to the request.
 
         The request is sent without copies, asynchronously, and kept for resends: it
         must not share memory with arrays the caller may change after we return.
-        With ``private=False`` the caller's arrays may be returned as they are (for a
-        request that copies them anyway).
         """
         ids_private = g_private = False
         if not unique:
-            uniq, inverse = unique_ids(flat)
-            flat, ids_private = uniq, True  # a fresh array, in first-occurrence order
-            if inverse is not None:  # sum the gradients of repeated ids
-                summed = np.zeros((uniq.size, g.shape[1]), dtype=np.float32)
-                add_rows(summed, inverse, g)
-                g, g_private = summed, True
+            flat, g = _merge_repeats(flat, g)
+            ids_private = g_private = True  # fresh arrays (ids in first-occurrence order)
         routed = self._router.split(flat)
         if routed.order is not None:
             return routed, routed.in_shard_order(g)  # both fresh arrays
-        if not private:
-            return routed, g
         if not ids_private:
             routed = Routed(flat.copy(), None, routed.bounds)
         return routed, (g if g_private else np.array(g, dtype=np.float32, order="C"))
@@ -209,22 +217,26 @@ class KeyValueCalls:
             ((name, ids),) = requests.items()
             return {name: self.pull(name, ids, unique=unique)}
         names = list(requests)
-        parts: list[Routed] = []
+        if not names:
+            return {}
+        flats: list[np.ndarray] = []
         inverses: list[np.ndarray | None] = []
-        outs: list[np.ndarray] = []
+        dims: list[int] = []
         for name in names:
             flat = as_ids(requests[name], name)
             uniq, inverse = (flat, None) if unique else unique_ids(flat)
-            parts.append(self._router.split(uniq))
+            flats.append(uniq)
             inverses.append(inverse)
-            outs.append(np.empty((uniq.size, self._dim(name)), dtype=np.float32))
-        if not names:
-            return {}
-        answered = self._router.call(P.PULL_MANY, {"tables": names},
-                                     [(r, {}) for r in parts], many=True)
-        self._router.scatter(answered, "rows", parts, outs, names)
-        return {name: rows if inv is None else take_rows(rows, inv)
-                for name, rows, inv in zip(names, outs, inverses, strict=True)}
+            dims.append(self._dim(name))
+        routed = self._router.split_many(flats, dims)
+        answered = self._router.call_many(P.PULL_MANY, {"tables": names}, routed)
+        out = np.empty(int(routed.offsets[-1]), dtype=np.float32)
+        self._router.scatter_many(answered, "rows", routed, out, names)
+        result: dict[str, np.ndarray] = {}
+        for t, (name, inv) in enumerate(zip(names, inverses, strict=True)):
+            rows = routed.table_rows(out, t)  # a view of one buffer for every table
+            result[name] = rows if inv is None else take_rows(rows, inv)
+        return result
 
     def push_many(self, requests: Mapping[str, tuple[Any, Any]], *, unique: bool = False
                   ) -> Ticket:
@@ -243,23 +255,43 @@ class KeyValueCalls:
             ((name, (ids, grads)),) = requests.items()
             return self.push(name, ids, grads, unique=unique)
         names = list(requests)
-        routed: list[tuple[Routed, Mapping[str, np.ndarray]]] = []
+        flats: list[np.ndarray] = []
+        gs: list[np.ndarray] = []
         for name in names:
             ids, grads = requests[name]
-            flat = as_ids(ids, name)
-            g = self._checked_grads(name, flat.size, grads)
-            # the request concatenates every part: it is private without a copy here
-            r, sorted_g = self._route_push(flat, g, unique, private=False)
-            routed.append((r, {"grads": sorted_g}))
-        logged = [r.ids if r.order is not None or not unique else r.ids.copy()
-                  for r, _ in routed]
+            try:
+                flat = as_ids(ids, name)
+                # with unique ids the gradients travel as given: one finiteness check
+                # over all tables below instead of one per table
+                g = self._checked_grads(name, flat.size, grads, finite=not unique)
+            except Exception:
+                self._check_finite(names, gs)  # an earlier table's error comes first
+                raise
+            if not unique:
+                flat, g = _merge_repeats(flat, g)
+            flats.append(flat)
+            gs.append(g)
+        routed = self._router.split_many(flats, [g.shape[1] for g in gs])
+        # a fresh array: the request is private without another copy
+        flat_g = np.concatenate([g.reshape(-1) for g in gs])
+        if unique and not all_finite(flat_g):
+            self._check_finite(names, gs)
+        sorted_g = routed.in_shard_order(flat_g)
         t = self._transport
         t.raise_failed()
         t.throttle()
-        sent = self._router.send(P.PUSH_MANY, {"tables": names}, routed, many=True, later=True)
-        for name, ids in zip(names, logged, strict=True):
-            self._pushlog.record(name, ids, False)
+        sent = self._router.send_many(P.PUSH_MANY, {"tables": names}, routed,
+                                      {"grads": sorted_g}, later=True)
+        for i, name in enumerate(names):  # private views of the concatenated ids
+            self._pushlog.record(name, routed.table_ids(i), False)
         return Ticket(tuple((s.shard, s.seq) for s in sent))
+
+    @staticmethod
+    def _check_finite(names: list[str], gs: list[np.ndarray]) -> None:
+        """Raise the error of the first of ``gs`` (named by ``names``) holding NaN or Inf."""
+        for name, g in zip(names, gs, strict=False):
+            if not all_finite(g):
+                raise _not_finite(name)
 
     def set_rows(self, table: str, ids: Any, rows: Any) -> None:
         """Write the values of rows ``ids`` (created when absent; optimizer slots of

@@ -25,6 +25,9 @@ __all__ = [
     "shard_of_bucket",
     "shard_of",
     "split_by_shard",
+    "split_parts_by_shard",
+    "gather_parts",
+    "scatter_parts",
     "take_rows",
     "put_rows",
     "all_finite",
@@ -120,6 +123,72 @@ def _split(ids: np.ndarray, route: np.ndarray, num_shards: int
         sorted_ids[p] = ids[i]
         pos[k] = p + 1
     return order, sorted_ids, counts
+
+
+@njit(cache=True)
+def _split_parts(ids: np.ndarray, starts: np.ndarray, route: np.ndarray, num_shards: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # _split over the concatenation of several parts (part t is ids[starts[t]:starts[t+1]]),
+    # counting ids per (shard, part): shard k's run holds part 0's ids, then part 1's, ...
+    n = ids.shape[0]
+    parts = starts.shape[0] - 1
+    shard = np.empty(n, dtype=np.int32)
+    counts = np.zeros((num_shards, parts), dtype=np.int64)
+    for t in range(parts):
+        for i in range(starts[t], starts[t + 1]):
+            k = route[np.int64(splitmix64(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))]
+            shard[i] = k
+            counts[k, t] += 1
+    pos = np.empty(num_shards, dtype=np.int64)
+    acc = 0
+    for k in range(num_shards):
+        pos[k] = acc
+        for t in range(parts):
+            acc += counts[k, t]
+    order = np.empty(n, dtype=np.int64)
+    sorted_ids = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        k = shard[i]
+        p = pos[k]
+        order[p] = i
+        sorted_ids[p] = ids[i]
+        pos[k] = p + 1
+    return order, sorted_ids, counts
+
+
+@njit(cache=True)
+def _gather_parts(src: np.ndarray, starts: np.ndarray, offsets: np.ndarray,
+                  dims: np.ndarray, order: np.ndarray, counts: np.ndarray,
+                  out: np.ndarray) -> None:
+    q = 0
+    p = 0
+    for k in range(counts.shape[0]):
+        for t in range(counts.shape[1]):
+            d = dims[t]
+            base = offsets[t] - starts[t] * d
+            for _ in range(counts[k, t]):
+                a = base + order[p] * d
+                p += 1
+                for j in range(d):
+                    out[q + j] = src[a + j]
+                q += d
+
+
+@njit(cache=True)
+def _scatter_parts(got: np.ndarray, starts: np.ndarray, offsets: np.ndarray,
+                   dims: np.ndarray, order: np.ndarray, counts: np.ndarray,
+                   out: np.ndarray) -> None:
+    q = 0
+    p = 0
+    for t in range(counts.shape[0]):
+        d = dims[t]
+        base = offsets[t] - starts[t] * d
+        for _ in range(counts[t]):
+            a = base + order[p] * d
+            p += 1
+            for j in range(d):
+                out[a + j] = got[q + j]
+            q += d
 
 
 @njit(cache=True)
@@ -241,6 +310,60 @@ def split_by_shard(ids: np.ndarray, route: np.ndarray, num_shards: int
         ids are the k-th run of ``counts[k]`` entries, in their original order.
     """
     return _split(_ids64(ids), np.ascontiguousarray(route, dtype=np.int64), int(num_shards))
+
+
+def split_parts_by_shard(ids: np.ndarray, starts: np.ndarray, route: np.ndarray,
+                         num_shards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`split_by_shard` of several parts at once, in one pass.
+
+    :param ids: 1-D int64, the parts back to back: part t is ``ids[starts[t]:starts[t+1]]``.
+    :param starts: int64 ``[parts + 1]``, ascending, from 0 to ``len(ids)``.
+    :returns: ``(order, sorted_ids, counts)``: ``sorted_ids == ids[order]``; shard k's run
+        holds its ids of part 0, then of part 1, ..., each in their original order (what
+        a stable sort by shard of the concatenation gives); ``counts[k, t]`` (int64
+        ``[num_shards, parts]``) is the number of ids of part t that go to shard k.
+    """
+    return _split_parts(_ids64(ids), np.ascontiguousarray(starts, dtype=np.int64),
+                        np.ascontiguousarray(route, dtype=np.int64), int(num_shards))
+
+
+def gather_parts(src: np.ndarray, starts: np.ndarray, offsets: np.ndarray, dims: np.ndarray,
+                 order: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Rows of several parts put in the shard order of :func:`split_parts_by_shard`.
+
+    :param src: flat float32, part t's ``[starts[t+1] - starts[t], dims[t]]`` rows
+        (caller order) at ``src[offsets[t]:offsets[t+1]]``.
+    :param order: ``order`` of :func:`split_parts_by_shard` for these parts.
+    :param counts: ``counts`` of :func:`split_parts_by_shard`.
+    :returns: a new flat float32 array: shard 0's rows of part 0, of part 1, ..., then
+        shard 1's, ... (one compiled pass).
+    """
+    out = np.empty(src.shape[0], dtype=np.float32)
+    _gather_parts(np.ascontiguousarray(src, dtype=np.float32).reshape(-1),
+                  np.ascontiguousarray(starts, dtype=np.int64),
+                  np.ascontiguousarray(offsets, dtype=np.int64),
+                  np.ascontiguousarray(dims, dtype=np.int64),
+                  np.ascontiguousarray(order, dtype=np.int64),
+                  np.ascontiguousarray(counts, dtype=np.int64), out)
+    return out
+
+
+def scatter_parts(got: np.ndarray, starts: np.ndarray, offsets: np.ndarray, dims: np.ndarray,
+                  order: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+    """The inverse of :func:`gather_parts` for one shard: write its rows back in place.
+
+    :param got: flat float32, the shard's rows of part 0, of part 1, ... (its
+        ``sum(counts * dims)`` values).
+    :param order: the shard's slice of :func:`split_parts_by_shard`'s ``order``.
+    :param counts: int64 ``[parts]``: the shard's row of ``counts``.
+    :param out: flat float32 in the layout of :func:`gather_parts`'s ``src``.
+    """
+    _scatter_parts(np.ascontiguousarray(got, dtype=np.float32).reshape(-1),
+                   np.ascontiguousarray(starts, dtype=np.int64),
+                   np.ascontiguousarray(offsets, dtype=np.int64),
+                   np.ascontiguousarray(dims, dtype=np.int64),
+                   np.ascontiguousarray(order, dtype=np.int64),
+                   np.ascontiguousarray(counts, dtype=np.int64), out)
 
 
 def take_rows(a: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

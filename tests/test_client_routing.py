@@ -98,55 +98,74 @@ def test_send_one_part_slices_without_copies_and_skips_idle_shards() -> None:
     assert len(only) == 1 and len(t.sent) == 1  # the other shard gets nothing
 
 
-def test_many_parts_travel_in_one_request_per_shard() -> None:
-    router, t = router_for(2, a=1, b=3)
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_many_tables_travel_in_one_request_per_shard(num_shards: int) -> None:
+    router, t = router_for(num_shards, a=1, b=3, c=2)
     rng = np.random.default_rng(2)
-    ids_a, ids_b = rng.integers(0, 1 << 40, 50), rng.integers(0, 1 << 40, 30)
-    ra, rb = router.split(ids_a), router.split(ids_b)
-    ga = ra.in_shard_order(rng.random((50, 1), dtype=np.float32))
-    gb = rb.in_shard_order(rng.random((30, 3), dtype=np.float32))
-    sent = router.send(b"PUSH_MANY", {"tables": ["a", "b"]},
-                       [(ra, {"grads": ga}), (rb, {"grads": gb})], many=True)
-    assert len(sent) == len(t.sent) == 2
+    ids = [rng.integers(0, 1 << 40, 50), rng.integers(0, 1 << 40, 30),
+           np.empty(0, dtype=np.int64)]
+    dims = [1, 3, 2]
+    grads = [rng.random((i.size, d), dtype=np.float32) for i, d in zip(ids, dims, strict=True)]
+    routed = router.split_many(ids, dims)
+    flat_g = np.concatenate([g.ravel() for g in grads])
+    sorted_g = routed.in_shard_order(flat_g)
+    sent = router.send_many(b"PUSH_MANY", {"tables": ["a", "b", "c"]}, routed,
+                            {"grads": sorted_g})
+    singles = [router.split(i) for i in ids]  # what one table alone sends each shard
+    busy = [k for k in range(num_shards) if any(r.count(k) for r in singles)]
+    assert [s.shard for s in sent] == [k for k, *_ in t.sent] == busy
     for s, (k, _, header, arrays) in zip(sent, t.sent, strict=True):
-        ca, cb = ra.count(k), rb.count(k)
-        assert header == {"tables": ["a", "b"], "counts": [ca, cb]} and s.counts == (ca, cb)
-        sa, sb = int(ra.bounds[k]), int(rb.bounds[k])
-        np.testing.assert_array_equal(arrays["ids"], np.concatenate(
-            [ra.ids[sa:sa + ca], rb.ids[sb:sb + cb]]))
-        np.testing.assert_array_equal(arrays["grads"], np.concatenate(
-            [ga[sa:sa + ca].ravel(), gb[sb:sb + cb].ravel()]))
+        counts = [r.count(k) for r in singles]
+        assert header == {"tables": ["a", "b", "c"], "counts": counts}
+        assert s.counts == tuple(counts)
+        want_ids, want_g = [], []
+        for r, g in zip(singles, grads, strict=True):
+            lo, hi = int(r.bounds[k]), int(r.bounds[k + 1])
+            want_ids.append(r.ids[lo:hi])
+            want_g.append(r.in_shard_order(g)[lo:hi].ravel())
+        np.testing.assert_array_equal(arrays["ids"], np.concatenate(want_ids))
+        np.testing.assert_array_equal(arrays["grads"], np.concatenate(want_g))
+        assert np.shares_memory(arrays["ids"], routed.ids)
+        assert np.shares_memory(arrays["grads"], sorted_g)
+    for i, a in enumerate(ids):
+        np.testing.assert_array_equal(routed.table_ids(i), a)
+        np.testing.assert_array_equal(routed.table_rows(flat_g, i), grads[i])
     with pytest.raises(ValueError, match="exactly one part"):
-        router.send(b"PULL", {}, [(ra, {}), (rb, {})])
+        router.send(b"PULL", {}, [(singles[0], {}), (singles[1], {})])
 
 
 @pytest.mark.parametrize("num_shards", [1, 2, 3])
 def test_scatter_puts_rows_back_in_the_callers_order(num_shards: int) -> None:
-    router, t = router_for(num_shards, a=2, b=5)
+    router, t = router_for(num_shards, a=2, b=5, c=1)
     rng = np.random.default_rng(3)
     ids_a, ids_b = rng.integers(0, 1 << 40, 40), rng.integers(0, 1 << 40, 7)
-    parts = [router.split(ids_a), router.split(ids_b)]
-    outs = [np.empty((40, 2), np.float32), np.empty((7, 5), np.float32)]
-    answered = router.call(b"PULL_MANY", {"tables": ["a", "b"]}, [(p, {}) for p in parts],
-                           many=True)
-    router.scatter(answered, "rows", parts, outs, ["a", "b"])
-    np.testing.assert_array_equal(outs[0], rows_of(ids_a, 2))
-    np.testing.assert_array_equal(outs[1], rows_of(ids_b, 5))
+    ids_c = np.empty(0, dtype=np.int64)
+    routed = router.split_many([ids_a, ids_b, ids_c], [2, 5, 1])
+    out = np.full(int(routed.offsets[-1]), np.nan, np.float32)
+    answered = router.call_many(b"PULL_MANY", {"tables": ["a", "b", "c"]}, routed)
+    router.scatter_many(answered, "rows", routed, out, ["a", "b", "c"])
+    np.testing.assert_array_equal(routed.table_rows(out, 0), rows_of(ids_a, 2))
+    np.testing.assert_array_equal(routed.table_rows(out, 1), rows_of(ids_b, 5))
+    assert routed.table_rows(out, 2).shape == (0, 1)
     single = router.split(ids_a)
-    out = np.empty((40, 2), np.float32)
-    router.scatter(router.call(b"PULL", {"table": "a"}, [(single, {})]), "rows", [single],
-                   [out], ["a"])
-    np.testing.assert_array_equal(out, rows_of(ids_a, 2))
+    rows = np.empty((40, 2), np.float32)
+    router.scatter(router.call(b"PULL", {"table": "a"}, [(single, {})]), "rows", single,
+                   rows, "a")
+    np.testing.assert_array_equal(rows, rows_of(ids_a, 2))
 
 
 def test_scatter_refuses_a_reply_of_the_wrong_size() -> None:
-    router, t = router_for(2, a=2)
+    router, t = router_for(2, a=2, b=1)
     routed = router.split(np.arange(10))
     t.corrupt = True
     answered = router.call(b"PULL", {"table": "a"}, [(routed, {})])
     with pytest.raises(InvalidArgumentError, match="expected") as info:
-        router.scatter(answered, "rows", [routed], [np.empty((10, 2), np.float32)], ["a"])
+        router.scatter(answered, "rows", routed, np.empty((10, 2), np.float32), "a")
     assert "tcp://shard-" in str(info.value)
+    many = router.split_many([np.arange(10), np.arange(5)], [2, 1])
+    answered = router.call_many(b"PULL_MANY", {"tables": ["a", "b"]}, many)
+    with pytest.raises(InvalidArgumentError, match="expected"):
+        router.scatter_many(answered, "rows", many, np.empty(25, np.float32), ["a", "b"])
 
 
 def test_in_shard_order_is_the_identity_for_one_shard() -> None:
