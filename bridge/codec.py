@@ -100,9 +100,8 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
 
 
 def _frame_bytes(f: Any) -> memoryview:
-    # zmq.Frame exposes .buffer; bytes and memoryview are used as they are.
-    buf = getattr(f, "buffer", f)
-    return memoryview(buf)
+    # zmq.Frame, bytes and memoryview all export the buffer protocol
+    return memoryview(f)
 
 
 def decode(frames: Sequence[Any]) -> tuple[bytes, dict[str, Any], Arrays]:

@@ -55,6 +55,8 @@ class Dispatcher:
         self.state = state
         self.handlers = dict(handlers)
         self._logged: set[tuple[str, str, str]] = set()
+        #: command → its name in the statistics (decoded once, not per request)
+        self._names = {c: c.decode("ascii") for c in self.handlers}
         #: called as ``journal(frames, request, ok)`` after a request ran (not a resend),
         #: before its reply: the write-ahead log (:class:`xdl.server.durability.Durability`)
         self.journal: Callable[[list[Any], Request, bool], None] | None = None
@@ -93,7 +95,9 @@ class Dispatcher:
         except Exception as exc:  # decoding or filtering bug: still a reply, never a crash
             respond(self._error_reply(command, seq, self._internal(command, exc)))
         finally:
-            name = command.decode("ascii") if command in self.handlers else "?"
+            name = self._names.get(command)
+            if name is None:  # a handler added after construction, or an unknown command
+                name = command.decode("ascii") if command in self.handlers else "?"
             st = self.state.stats.get(name)
             if st is None:
                 st = self.state.stats[name] = CommandStats()
