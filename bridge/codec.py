@@ -33,6 +33,8 @@ MAX_COMMAND_BYTES = 32
 COPY_BELOW = 1 << 20
 
 _SNDMORE = int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def packb(obj: Any) -> bytes:
@@ -97,6 +99,15 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
         f = sock.recv(flags, copy=False)
         out.append(f)
     return out
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether a message waits on ``sock`` (its ``EVENTS`` option: no poll, no wait).
+
+    Plain ints, not pyzmq's flag enums, which cost more than the option read.
+    """
+    events: int = sock.getsockopt(_EVENTS)  # type: ignore[assignment]
+    return bool(events & _POLLIN)
 
 
 def _frame_bytes(f: Any) -> memoryview:

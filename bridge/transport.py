@@ -43,9 +43,6 @@ log = logging.getLogger("xdl.client")
 #: unanswered asynchronous requests per shard before a new one waits for the oldest
 MAX_INFLIGHT_PUSHES = 256
 
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-
 #: a decoded reply: ``(header, arrays)``
 Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
 
@@ -282,9 +279,8 @@ class Transport:
 
     def _drain(self, conn: ShardConnection) -> None:
         # receive every reply already queued, asking the socket's EVENTS (no poll, no
-        # wait) whether another one is there (plain ints: pyzmq's flag enums cost more
-        # than the option read)
-        while conn.socket.getsockopt(_EVENTS) & _POLLIN:
+        # wait) whether another one is there
+        while codec.readable(conn.socket):
             self._receive(conn)
 
     def _receive(self, conn: ShardConnection) -> None:

@@ -147,7 +147,7 @@ def serve(bind: str, shard: int = 0, num_shards: int = 1, *,
                 del msg  # the request's buffers go now, not when the next one arrives
                 if size > _TRIM_ABOVE:
                     _release_memory()
-                if state.stopping or not sock.getsockopt(_EVENTS) & _POLLIN:
+                if state.stopping or not codec.readable(sock):
                     break
             durability.tick()  # group commit: one sync for what this turn drained
     finally:
@@ -197,9 +197,6 @@ def _serve_one(state: Shard, sock: zmq.Socket, msg: list[Any], durability: Durab
         log.error("shard %d: request not served:\n%s", state.shard, traceback.format_exc())
     return size
 
-
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 
 #: Requests larger than this are followed by handing freed memory back to the system.
 _TRIM_ABOVE = 64 << 20

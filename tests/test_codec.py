@@ -58,3 +58,39 @@ def test_malformed_messages_raise_protocol_error(frames: list[bytes], match: str
 def test_object_arrays_cannot_be_encoded() -> None:
     with pytest.raises(ProtocolError, match="cannot travel"):
         codec.encode(P.PULL, {}, {"ids": np.array(["a"], dtype=object)})
+
+
+@pytest.mark.parametrize("copy_below", [0, 64, 1 << 20])
+def test_send_frames_and_recv_frames_carry_a_message_whole(
+        monkeypatch: pytest.MonkeyPatch, copy_below: int) -> None:
+    """Copied (small) and zero-copy (large) frames arrive equal, in order, as one message."""
+    import zmq
+
+    monkeypatch.setattr(codec, "COPY_BELOW", copy_below)
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://codec-frames")
+        b.connect("inproc://codec-frames")
+        assert not codec.readable(b)
+        rows = np.arange(4096, dtype=np.float32).reshape(256, 16)
+        frames = codec.encode(P.PULL, {"seq": 3}, {"rows": rows, "none": np.zeros(0, "<i8")})
+        codec.send_frames(a, frames)
+        codec.send_frames(a, [P.MAGIC])  # a second message stays separate
+        assert codec.readable(b)
+        got = codec.recv_frames(b)
+        assert [bytes(f) for f in got] == [bytes(memoryview(f)) for f in frames]
+        command, header, arrays = codec.decode(got)
+        assert command == P.PULL and header["seq"] == 3
+        np.testing.assert_array_equal(arrays["rows"], rows)
+        assert arrays["none"].shape == (0,)
+        codec.send_frames(a, got)  # received frames can be sent on as they are
+        assert [bytes(f) for f in codec.recv_frames(b)] == [P.MAGIC]
+        assert [bytes(f) for f in codec.recv_frames(b)] == [bytes(f) for f in got]
+        assert not codec.readable(b)
+        with pytest.raises(zmq.Again):
+            codec.recv_frames(b, zmq.NOBLOCK)
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()
