@@ -445,6 +445,43 @@ def first_duplicate(keys: np.ndarray) -> int:
     return int(_first_duplicate(np.ascontiguousarray(keys, dtype=np.int64)))
 
 
+@njit(cache=True)
+def _first_duplicate_parts(keys: np.ndarray, counts: np.ndarray) -> int:
+    # one open-addressing set reused by every part: a slot counts as used only when it
+    # carries the current part's stamp, so nothing is cleared between parts
+    largest = 0
+    for t in range(counts.shape[0]):
+        largest = max(largest, counts[t])
+    cap = 16
+    while cap < 2 * largest:
+        cap *= 2
+    seen = np.empty(cap, dtype=np.int64)
+    stamp = np.zeros(cap, dtype=np.int64)
+    mask = np.uint64(cap - 1)
+    off = 0
+    for t in range(counts.shape[0]):
+        mark = t + 1
+        for i in range(off, off + counts[t]):
+            k = keys[i]
+            h = np.int64(_slot_hash(k) & mask)
+            while stamp[h] == mark:
+                if seen[h] == k:
+                    return i
+                h = np.int64((np.uint64(h) + np.uint64(1)) & mask)
+            stamp[h] = mark
+            seen[h] = k
+        off += counts[t]
+    return -1
+
+
+def first_duplicate_parts(keys: np.ndarray, counts: np.ndarray) -> int:
+    """:func:`first_duplicate` within each part of ``keys`` (part t: the next
+    ``counts[t]`` keys) in one call: index in ``keys`` of the first key that already
+    appeared earlier in its own part, or -1."""
+    return int(_first_duplicate_parts(np.ascontiguousarray(keys, dtype=np.int64),
+                                      np.ascontiguousarray(counts, dtype=np.int64)))
+
+
 def gather_rows(values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None
                 ) -> np.ndarray:
     """``values[rows]`` into ``out`` when given, else as a new contiguous array (rows

@@ -15,7 +15,7 @@ from xdl.errors import InvalidArgumentError
 from xdl.sharding import all_finite, first_outside
 
 from .fields import array
-from .kernels import first_duplicate
+from .kernels import first_duplicate_parts
 from .state import Reply, Request, ShardState
 from .table import SparseTable
 
@@ -100,8 +100,12 @@ def many_parts(state: ShardState, req: Request) -> list[tuple[SparseTable, np.nd
     if sum(counts) != ids.size:
         raise InvalidArgumentError(f"field 'counts' sums to {sum(counts)}, but the request "
                                    f"has {ids.size} ids")
-    ends = np.cumsum(counts)
-    return [(t, ids[e - c:e]) for t, c, e in zip(tables, counts, ends.tolist(), strict=True)]
+    ids = np.ascontiguousarray(ids)
+    parts, off = [], 0
+    for t, c in zip(tables, counts, strict=True):
+        parts.append((t, ids[off:off + c]))
+        off += c
+    return parts
 
 
 def pull_many(state: ShardState, req: Request) -> Reply:
@@ -120,27 +124,30 @@ def push_many(state: ShardState, req: Request) -> Reply:
     """Apply several tables' gradients as one unit: every table, or none.
 
     Everything a table's push could refuse (shape, NaN or Inf, repeated ids) is checked
-    for every table before the first one changes.
+    for every table before the first one changes; the tables' pushes then skip those
+    checks (``SparseTable.push(checked=True)``).
     """
     parts = many_parts(state, req)
-    grads = array(req, "grads", None, np.dtype("<f4"), 1)
+    grads = np.ascontiguousarray(array(req, "grads", None, np.dtype("<f4"), 1))
     need = sum(ids.size * table.dim for table, ids in parts)
     if grads.size != need:
         raise InvalidArgumentError(f"array 'grads': expected {need} float32 values "
                                    f"(len(ids) x dim per table), got {grads.size}")
     if not all_finite(grads):
         raise InvalidArgumentError("array 'grads' holds NaN or Inf values; nothing applied")
-    for table, ids in parts:
-        dup = first_duplicate(ids)
-        if dup >= 0:
-            raise InvalidArgumentError(f"ids must be unique per table, but id {int(ids[dup])} "
-                                       "appears more than once; nothing applied",
-                                       table=table.name)
+    ids = req.arrays["ids"]  # every table's ids back to back (checked by many_parts)
+    counts = np.array(req.header["counts"], dtype=np.int64)
+    dup = first_duplicate_parts(ids, counts)  # every table in one pass
+    if dup >= 0:
+        table = parts[int(np.searchsorted(np.cumsum(counts), dup, side="right"))][0]
+        raise InvalidArgumentError(f"ids must be unique per table, but id {int(ids[dup])} "
+                                   "appears more than once; nothing applied",
+                                   table=table.name)
     steps, off = [], 0
     for table, ids in parts:
         n = ids.size * table.dim
         if n:  # a table with no ids here is not pushed (its step stays, as with PUSH)
-            table.push(ids, grads[off:off + n].reshape(ids.size, table.dim))
+            table.push(ids, grads[off:off + n].reshape(ids.size, table.dim), checked=True)
         off += n
         steps.append(table.step)
     return {"steps": steps}, {}

@@ -201,7 +201,7 @@ class SparseTable:
             gather_rows(self.values, rows, out)
         return out
 
-    def push(self, keys: np.ndarray, grads: np.ndarray) -> None:
+    def push(self, keys: np.ndarray, grads: np.ndarray, *, checked: bool = False) -> None:
         """Apply the optimizer to the rows of ``keys`` with ``grads``.
 
         Preconditions, all checked before anything changes (else
@@ -213,9 +213,17 @@ class SparseTable:
         One pass over the index finds the rows, checks that no row is named twice and
         updates the rows' metadata (undone if a repeat turns up); the optimizer's pass
         follows.
+
+        :param checked: the caller has already checked that ``keys`` is C-contiguous
+            int64 and unique and ``grads`` C-contiguous, float32, of the right shape and
+            finite (``PUSH_MANY`` checks every table of a request before the first
+            changes); these checks are then skipped.
         """
-        k = _keys_array(keys, self.name)
-        g = _check_float_array(grads, "grads", (k.shape[0], self.dim), self.name)
+        if checked:  # the caller vouches for the preconditions above
+            k, g = keys, grads
+        else:
+            k = _keys_array(keys, self.name)
+            g = _check_float_array(grads, "grads", (k.shape[0], self.dim), self.name)
         step = self.step + 1
         rows, saved = self._buffers(k.shape[0])
         absent, dup = mark_pushed_rows(self.index, k, rows, self.freq, self.last_step,
