@@ -1,9 +1,10 @@
 """Encoding and decoding of xdl messages (layout in :mod:`xdl.protocol`).
 
 All msgpack options live here. Arrays travel as raw buffers next to a small
-header that names their dtype and shape; they are sent without copies and
-decoded with :func:`numpy.frombuffer` (read-only views of the received frame).
-No pickle is used anywhere.
+header that names their dtype and shape; they are sent without copies when large
+(:data:`COPY_BELOW`; :func:`send_frames`), received without copies
+(:func:`recv_frames`) and decoded with :func:`numpy.frombuffer` (read-only views of
+the received frame). No pickle is used anywhere.
 """
 
 from __future__ import annotations

@@ -182,8 +182,9 @@ class Transport:
         """Send one request to shard ``k`` without waiting for its reply; returns its seq.
 
         Requests queued earlier by :meth:`send_later` go out first. The arrays travel
-        without copies and are kept for resends until the reply arrives: they must not
-        be changed by anyone meanwhile. Hold :attr:`lock`.
+        without copies (those under :data:`xdl.codec.COPY_BELOW` bytes are copied) and
+        are kept for resends until the reply arrives: they must not be changed by anyone
+        meanwhile. Hold :attr:`lock`.
         """
         seq = self._enqueue(k, command, header, arrays, asynchronous=False)
         self._flush()
