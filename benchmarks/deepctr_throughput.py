@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="epochs of each, alternating")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the rounds, profile one server epoch (cProfile) and print "
+                         "its N most expensive functions by cumulative time")
     ap.add_argument("--strict", action="store_true",
                     help=f"exit 1 when the ratio is below {TARGET_RATIO}")
     args = ap.parse_args(argv)
@@ -138,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
             server_s.append(fit_seconds(server, x, y, args.batch_size))
             local_s.append(fit_seconds(local, x, y, args.batch_size))
         counts = dict(counting.counts)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            fit_seconds(server, x, y, args.batch_size)
+            prof.disable()
+            pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(
+                args.profile)
         for module in server.modules():
             if hasattr(module, "remote"):
                 module.close()
