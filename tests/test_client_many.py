@@ -166,3 +166,27 @@ def test_a_push_many_refused_by_the_shard_changes_no_table(client: Client,
     after = client.pull_many({n: ids for n in names})
     for n in names:
         np.testing.assert_array_equal(after[n], before[n])
+
+
+@pytest.mark.parametrize("unique", [False, True])
+def test_push_many_refuses_bad_grads_naming_the_first_bad_table(
+        client: Client, tables: dict[str, int], unique: bool) -> None:
+    names = list(tables)
+    ids = np.arange(4)
+    good = {n: (ids, np.ones((4, tables[n]), np.float32)) for n in names}
+    nan = np.ones((4, tables[names[1]]), np.float32)
+    nan[2, 0] = np.nan
+    with pytest.raises(InvalidArgumentError, match="NaN") as info:
+        client.push_many({**good, names[1]: (ids, nan)}, unique=unique)
+    assert info.value.table == names[1]
+    # a NaN in an earlier table is reported before a wrong shape in a later one
+    wrong = np.ones((3, tables[names[2]]), np.float32)
+    with pytest.raises(InvalidArgumentError, match="NaN") as info:
+        client.push_many({**good, names[1]: (ids, nan), names[2]: (ids, wrong)}, unique=unique)
+    assert info.value.table == names[1]
+    with pytest.raises(InvalidArgumentError, match="shape") as info:
+        client.push_many({**good, names[2]: (ids, wrong)}, unique=unique)
+    assert info.value.table == names[2]
+    mark = client.push_mark(names[0])
+    client.wait(client.push_many(good, unique=unique))  # nothing refused was logged or sent
+    assert client.push_mark(names[0]) == mark + 1
