@@ -99,37 +99,11 @@ def _shards(ids: np.ndarray, route: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def _split(ids: np.ndarray, route: np.ndarray, num_shards: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # a stable counting sort by shard: the same permutation as a stable argsort
-    n = ids.shape[0]
-    shard = np.empty(n, dtype=np.int32)
-    counts = np.zeros(num_shards, dtype=np.int64)
-    for i in range(n):
-        k = route[np.int64(splitmix64(np.uint64(ids[i])) >> np.uint64(BUCKET_SHIFT))]
-        shard[i] = k
-        counts[k] += 1
-    pos = np.empty(num_shards, dtype=np.int64)
-    acc = 0
-    for k in range(num_shards):
-        pos[k] = acc
-        acc += counts[k]
-    order = np.empty(n, dtype=np.int64)
-    sorted_ids = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        k = shard[i]
-        p = pos[k]
-        order[p] = i
-        sorted_ids[p] = ids[i]
-        pos[k] = p + 1
-    return order, sorted_ids, counts
-
-
-@njit(cache=True)
 def _split_parts(ids: np.ndarray, starts: np.ndarray, route: np.ndarray, num_shards: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # _split over the concatenation of several parts (part t is ids[starts[t]:starts[t+1]]),
-    # counting ids per (shard, part): shard k's run holds part 0's ids, then part 1's, ...
+    # a stable counting sort by shard (the permutation of a stable argsort) over the
+    # concatenation of several parts (part t is ids[starts[t]:starts[t+1]]), counting ids
+    # per (shard, part): shard k's run holds part 0's ids, then part 1's, ...
     n = ids.shape[0]
     parts = starts.shape[0] - 1
     shard = np.empty(n, dtype=np.int32)
@@ -309,7 +283,11 @@ def split_by_shard(ids: np.ndarray, route: np.ndarray, num_shards: int
     :returns: ``(order, sorted_ids, counts)``: ``sorted_ids == ids[order]``, shard k's
         ids are the k-th run of ``counts[k]`` entries, in their original order.
     """
-    return _split(_ids64(ids), np.ascontiguousarray(route, dtype=np.int64), int(num_shards))
+    ids = _ids64(ids)
+    starts = np.array([0, ids.shape[0]], dtype=np.int64)  # one part
+    order, sorted_ids, counts = _split_parts(
+        ids, starts, np.ascontiguousarray(route, dtype=np.int64), int(num_shards))
+    return order, sorted_ids, counts[:, 0]
 
 
 def split_parts_by_shard(ids: np.ndarray, starts: np.ndarray, route: np.ndarray,
