@@ -54,6 +54,23 @@ def _tf() -> Any:
     return _tf_module
 
 
+def _unconverted(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` run as plain Python even when called from code that AutoGraph converts
+    (a ``tf.function`` step, a tf-keras layer's ``call``): otherwise the host callbacks
+    it defines would be converted too, and each of their Python calls would go through
+    AutoGraph's ``converted_call`` at every step (measured: most of a callback's time).
+    TensorFlow is imported on the first call, not here."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return _tf().autograph.experimental.do_not_convert(method)(*args, **kwargs)
+
+    # no functools.wraps: AutoGraph must not find ``method`` through ``__wrapped__``
+    run.__name__ = method.__name__
+    run.__qualname__ = method.__qualname__
+    run.__doc__ = method.__doc__
+    return run
+
+
 #: the anchor's gradient, returned by the gradient callbacks
 _ZERO = np.zeros(1, dtype=np.float32)
 
@@ -180,6 +197,7 @@ class TensorFlowBackend(Backend):
 
         return decorate
 
+    @_unconverted
     def differentiable_rows(self, rows: np.ndarray, on_grad: OnGrad, *,
                             anchor: Any = None) -> Any:
         """A tensor of ``rows`` whose gradient is handed to ``on_grad`` (as numpy), hung
@@ -238,6 +256,7 @@ class TensorFlowBackend(Backend):
         rows.set_shape([None, remote.dim])
         return _hang_off(self.anchor() if anchor is None else anchor, rows, give)
 
+    @_unconverted
     def lookup(self, remote: RemoteTable, ids: Any, *, anchor: Any = None) -> Any:
         """Differentiable lookup of ``ids`` (any shape, int32/int64, eager or symbolic)
         → float32 ``ids.shape + (dim,)``; padding ids give zeros and no gradient.
@@ -265,6 +284,7 @@ class TensorFlowBackend(Backend):
         out.set_shape(ids.shape.concatenate([dim]))
         return out
 
+    @_unconverted
     def lookup_bags(self, remote: RemoteTable, ids: Any, offsets: Any = None, *,
                     combiner: str = "sum", per_sample_weights: Any = None,
                     include_last_offset: bool = False, anchor: Any = None) -> Any:
@@ -480,6 +500,7 @@ class TrainStep:
             return (layout, *step(ids, offsets, rest))
         return layout, step(ids, offsets, rest), None, None
 
+    @_unconverted
     def _lookups(self, layout: tuple[Any, ...], ids: list[Any], offsets: list[Any],
                  tape: Any, train: bool) -> tuple[list[Any], list[Any], list[Any]]:
         """Every lookup of the step at once: ``(embeddings, rows, unique ids)``.
@@ -592,6 +613,7 @@ class TrainStep:
                             for g in dense_grads] if self.server_optimizer is not None else [])
             return outputs, dense_grads, [tf.identity(p) for p in pushed]
 
+    @_unconverted
     def _push(self, layout: tuple[Any, ...], uniques: list[Any], grads: list[Any]
               ) -> list[Any]:
         """Hand the rows' gradients to the buffer and push them, one push for every table,
