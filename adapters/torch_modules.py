@@ -144,25 +144,30 @@ class DistributedEmbedding(_RemoteRows, nn.Embedding):  # type: ignore[misc]
         """Embeddings of ``input`` (any shape) → ``input.shape + (embedding_dim,)``."""
         found = self._planned(input)
         if found is not None:  # the step's pull already checked, de-duplicated and pulled
-            plan, mark, rows = found
+            plan, mark, out = found
+            remote = self.remote
+            remote.buffer.flush(remote.client, remote.table)
+            if mark is not None and remote._push_mark() == mark:
+                return self._output(out, input)  # exact: nothing pushed since the pull
+            # pushed since (another thread, a shared table): re-pull what went stale
             backend = _backend()
-            rows = self.remote.exact_rows(plan.unique_ids, mark, rows)
-            tensor = backend.rows_tensor(self.remote, plan.unique_ids, rows)
+            rows = remote.rows(plan.unique_ids)
+            tensor = backend.rows_tensor(remote, plan.unique_ids, rows)
             return self._output(backend.place(tensor, plan), input)
         return self._output(_backend().lookup(self.remote, input), input)
 
     def _planned(self, input: torch.Tensor  # noqa: A002
-                 ) -> tuple[LookupPlan, int | None, np.ndarray] | None:
-        """``(plan, push mark, rows)`` that :class:`~xdl.adapters.torch_nn.StepPull`
-        pulled for exactly these ids this step, if any."""
+                 ) -> tuple[LookupPlan, int | None, torch.Tensor] | None:
+        """``(plan, push mark, output)`` that :class:`~xdl.adapters.torch_nn.StepPull`
+        looked up for exactly these ids this step, if any."""
         plans = self.__dict__.get("_step_plans")
         if not plans:
             return None
-        for i, (ids, plan, mark, rows) in enumerate(plans):
+        for i, (ids, plan, mark, out) in enumerate(plans):
             if (ids.dtype == input.dtype and ids.shape == input.shape
                     and ids.device == input.device and torch.equal(ids, input)):
                 del plans[i]
-                return plan, mark, rows
+                return plan, mark, out
         return None
 
     def extra_repr(self) -> str:

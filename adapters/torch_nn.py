@@ -20,6 +20,7 @@ lazily).
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,9 +29,8 @@ import numpy as np
 
 from xdl import init as xinit
 from xdl import surgery
-from xdl.errors import InvalidArgumentError
 from xdl.hookspecs import hookimpl
-from xdl.lookup import RemoteTable, prefetch_many, pull_now
+from xdl.lookup import LookupPlan, RemoteTable, plan_many, prefetch_many, pull_now
 from xdl.surgery import LayerAdapter, LayerSpec, LeftReference
 from xdl.wrapper import Lookup, prefetch_batches, torch_wrapper
 
@@ -378,6 +378,34 @@ def _ids_of(leaf: Any, kind: str, detail: Any, torch: Any) -> Any:
     return ids.reshape(-1) if flat else ids
 
 
+def _backend() -> Any:
+    from xdl.plugins import get_backend
+
+    return get_backend("torch")
+
+
+def _grads_to(remotes: list[RemoteTable], plans: list[LookupPlan]) -> Callable[..., None]:
+    """``on_grads`` of one step's lookups: each lookup's row gradients to its table's
+    gradient buffer, then one flush per client when the backward pass ends."""
+
+    def on_grads(parts: list[tuple[int, np.ndarray]]) -> None:
+        groups: dict[tuple[int, int], list[int]] = {}  # (buffer, client) → lookups
+        for i, _ in parts:
+            if plans[i].unique_ids.size:
+                remote = remotes[i]
+                groups.setdefault((id(remote.buffer), id(remote.client)), []).append(i)
+        grads = dict(parts)
+        backend = _backend()
+        for where in groups.values():
+            first = remotes[where[0]]
+            first.buffer.add_many(
+                first.client, [(remotes[i].table, plans[i].unique_ids, grads[i]) for i in where],
+                on_push=[remotes[i].push_callback for i in where])
+            backend.schedule_flush(functools.partial(first.buffer.flush, first.client))
+
+    return on_grads
+
+
 class StepPull:
     """One pull per step for a swapped model: every table the forward will look up is
     pulled at its start with one ``client.pull_many`` (one request per shard for every
@@ -459,9 +487,12 @@ class StepPull:
             return
         if not self.routes:
             return
-        leaves = dict(_tensor_leaves(args, kwargs, self._torch))
-        lookups: list[tuple[RemoteTable, np.ndarray]] = []
-        planned = []
+        torch = self._torch
+        leaves = dict(_tensor_leaves(args, kwargs, torch))
+        longs: dict[tuple[Any, ...], Any] = {}  # a float input cast to int64 once
+        modules: list[Any] = []
+        remotes: list[RemoteTable] = []
+        tensors: list[Any] = []
         for module, path, kind, detail in self.routes:
             leaf = leaves.get(path)
             if leaf is None:
@@ -469,20 +500,39 @@ class StepPull:
             remote = module.remote
             if remote.pending_prefetches:  # the user's prefetch feeds this table
                 return
+            if kind == "cols" and leaf.is_floating_point():
+                cast = longs.get(path)
+                if cast is None:
+                    cast = longs[path] = leaf.detach().to(torch.int64)
+                leaf = cast
             try:
-                ids = _ids_of(leaf, kind, detail, self._torch)
-                if ids is None:
-                    continue
-                plan = remote.plan(ids)  # checked and de-duplicated once, for the lookup too
-            except (InvalidArgumentError, RuntimeError, IndexError):
+                ids = _ids_of(leaf, kind, detail, torch)
+            except (RuntimeError, IndexError):
                 continue  # not this module's ids after all: it pulls in its own forward
-            lookups.append((remote, plan.unique_ids))
-            planned.append((module, ids, plan))
-        if not lookups:
+            if ids is None or ids.is_floating_point() or ids.device.type != "cpu":
+                continue
+            modules.append(module)
+            remotes.append(remote)
+            tensors.append(ids)
+        if not modules:
             return
-        pulled = pull_now(lookups)
-        for (module, ids, plan), (mark, rows) in zip(planned, pulled, strict=True):
-            module.__dict__.setdefault("_step_plans", []).append((ids, plan, mark, rows))
+        # checked and de-duplicated once, for the lookups too, in one compiled pass
+        plans = plan_many(remotes, [t.detach().numpy() for t in tensors])
+        kept = [i for i, plan in enumerate(plans) if plan is not None]
+        if len(kept) < len(plans):  # bad ids: that lookup raises in its own forward
+            modules, remotes, tensors = ([x[i] for i in kept] for x in (modules, remotes,
+                                                                        tensors))
+            plans = [plans[i] for i in kept]
+        if not modules:
+            return
+        ok_plans: list[LookupPlan] = [p for p in plans if p is not None]
+        pulled = pull_now([(r, p.unique_ids) for r, p in zip(remotes, ok_plans, strict=True)],
+                          wait=False)
+        outputs = _backend().differentiable_lookups(
+            [rows for _, rows in pulled], ok_plans, _grads_to(remotes, ok_plans))
+        for module, ids, plan, (mark, _), out in zip(modules, tensors, ok_plans, pulled,
+                                                     outputs, strict=True):
+            module.__dict__.setdefault("_step_plans", []).append((ids, plan, mark, out))
             self._planned.append(module)
 
     def _after(self, model: Any, args: Any, kwargs: Any, output: Any) -> None:

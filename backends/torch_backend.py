@@ -15,8 +15,15 @@ import numpy as np
 
 from xdl.backend import Backend, OnGrad
 from xdl.hookspecs import hookimpl
+from xdl.lookup import LookupPlan
+from xdl.sharding import add_rows
 
 _rows_function: Any = None
+_lookups_function: Any = None
+#: ``on_grads(parts)``: the row gradients of one step's lookups, ``[(i, grad)]`` with
+#: ``grad`` float32 ``[U_i, dim_i]`` for the unique ids of lookup i (only the lookups
+#: whose output took part in the loss).
+OnGrads = Callable[[list[tuple[int, np.ndarray]]], None]
 
 
 def _torch() -> Any:
@@ -46,6 +53,88 @@ def rows_function() -> Any:
 
         _rows_function = Rows
     return _rows_function
+
+
+def _placed(rows: np.ndarray, plan: LookupPlan) -> np.ndarray:
+    """``rows_ext[plan.inverse]`` shaped ``plan.shape + (dim,)`` (a fresh array)."""
+    dim = rows.shape[1]
+    if plan.has_padding:
+        rows = np.concatenate([rows, np.zeros((1, dim), dtype=np.float32)])
+    return np.take(rows, plan.inverse.reshape(-1), axis=0).reshape(*plan.shape, dim)
+
+
+def _row_grads(grads: Sequence[Any], plans: Sequence[LookupPlan], dims: Sequence[int]
+               ) -> list[tuple[int, np.ndarray]]:
+    """Per lookup with a gradient, the gradient of its unique rows: the looked-up
+    positions' gradients summed per row, one compiled pass per row width for every
+    lookup of that width (padding positions dropped)."""
+    by_dim: dict[int, list[int]] = {}
+    for i, grad in enumerate(grads):
+        if grad is not None:
+            by_dim.setdefault(dims[i], []).append(i)
+    out: list[tuple[int, np.ndarray]] = []
+    for dim, used in by_dim.items():
+        torch = _torch()
+        flat = [grads[i].reshape(-1, dim) for i in used]
+        g = (flat[0] if len(flat) == 1 else torch.cat(flat)).detach().cpu()
+        g = np.ascontiguousarray(g.numpy(), dtype=np.float32)
+        offsets = [0]
+        for i in used:  # each lookup's rows (and padding row) side by side
+            offsets.append(offsets[-1] + plans[i].unique_ids.size + plans[i].has_padding)
+        index = (plans[used[0]].inverse.reshape(-1) if len(used) == 1 else np.concatenate(
+            [plans[i].inverse.reshape(-1) + off for i, off in zip(used, offsets, strict=False)]))
+        summed = np.zeros((offsets[-1], dim), dtype=np.float32)
+        add_rows(summed, index, g)
+        for i, off in zip(used, offsets, strict=False):
+            out.append((i, summed[off:off + plans[i].unique_ids.size]))
+    return out
+
+
+def lookups_function() -> Any:
+    """The ``torch.autograd.Function`` behind :func:`differentiable_lookups` (built
+    once): one node for every lookup of a step; its backward hands all their row
+    gradients to ``on_grads`` in one call."""
+    global _lookups_function
+    if _lookups_function is None:
+        torch = _torch()
+
+        class Lookups(torch.autograd.Function):  # type: ignore[name-defined,misc]
+            @staticmethod
+            def forward(ctx: Any, anchor: Any, rows: Sequence[np.ndarray],
+                        plans: Sequence[LookupPlan], on_grads: OnGrads) -> Any:
+                ctx.set_materialize_grads(False)  # a lookup left out of the loss: None
+                ctx.plans = plans
+                ctx.dims = [r.shape[1] for r in rows]
+                ctx.on_grads = on_grads
+                return tuple(torch.from_numpy(_placed(r, p)) for r, p in zip(rows, plans,
+                                                                             strict=True))
+
+            @staticmethod
+            def backward(ctx: Any, *grads: Any) -> tuple[None, ...]:
+                parts = _row_grads(grads, ctx.plans, ctx.dims)
+                if parts:
+                    ctx.on_grads(parts)
+                return (None,) * 4
+
+        _lookups_function = Lookups
+    return _lookups_function
+
+
+def differentiable_lookups(rows: Sequence[np.ndarray], plans: Sequence[LookupPlan],
+                           on_grads: OnGrads) -> list[Any]:
+    """The outputs of several lookups of one step, ``plans[i].shape + (dim_i,)`` from the
+    rows ``rows[i]`` of ``plans[i].unique_ids`` (padding ids give zeros), as **one**
+    autograd node: its backward sums each lookup's gradients per unique id and calls
+    ``on_grads`` once with all of them (instead of one node, one backward call and one
+    gather per lookup). Without grad recording the outputs are plain tensors."""
+    torch = _torch()
+    if not rows:
+        return []
+    if not torch.is_grad_enabled():
+        return [torch.from_numpy(_placed(r, p)) for r, p in zip(rows, plans, strict=True)]
+    anchor = torch.empty(0, requires_grad=True)  # makes autograd call backward
+    out = lookups_function().apply(anchor, list(rows), list(plans), on_grads)
+    return list(out)
 
 
 class TorchBackend(Backend):
@@ -78,6 +167,12 @@ class TorchBackend(Backend):
             return torch.from_numpy(rows)
         anchor = torch.empty(0, requires_grad=True)  # makes autograd call backward
         return rows_function().apply(anchor, rows, on_grad)
+
+    def differentiable_lookups(self, rows: Sequence[np.ndarray],
+                               plans: Sequence[LookupPlan], on_grads: OnGrads) -> list[Any]:
+        """Several lookups of one step as one autograd node: see
+        :func:`differentiable_lookups`."""
+        return differentiable_lookups(rows, plans, on_grads)
 
     def schedule_flush(self, callback: Callable[[], None]) -> bool:
         """Queue ``callback`` on torch's autograd engine: it runs when backward ends."""

@@ -87,6 +87,23 @@ class GradientBuffer:
             if on_push is not None:
                 parts.on_push[id(on_push)] = on_push
 
+    def add_many(self, client: Any, parts: list[tuple[str, np.ndarray, np.ndarray]], *,
+                 on_push: list[OnPush | None] | None = None) -> None:
+        """:meth:`add` of several lookups' gradients at once (one lock): ``parts`` are
+        ``(table, unique ids, grads)`` of ``client``; ``on_push[i]`` (when given) is told
+        the ticket of the push that carries part i."""
+        with self._lock:
+            for i, (table, unique_ids, grads) in enumerate(parts):
+                key = (id(client), table)
+                entry = self._parts.get(key)
+                if entry is None:
+                    entry = self._parts[key] = _Parts(client)
+                entry.ids.append(np.asarray(unique_ids, dtype=np.int64))
+                entry.grads.append(np.ascontiguousarray(grads, dtype=np.float32))
+                callback = None if on_push is None else on_push[i]
+                if callback is not None:
+                    entry.on_push[id(callback)] = callback
+
     def pending(self, client: Any = None, table: str | None = None) -> bool:
         """Whether gradients wait to be pushed (for ``client`` / ``table`` when given)."""
         with self._lock:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from numba import njit
 
 from .dedup import unique_inverse
 from .errors import InvalidArgumentError
@@ -171,6 +172,132 @@ def plan_lookup(ids: np.ndarray, padding_idx: int | None = None) -> LookupPlan:
             inverse[is_pad] = len(unique)
     return LookupPlan(unique.astype(np.int64, copy=False), inverse.astype(np.int64, copy=False),
                       tuple(ids.shape), has_padding)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing, as xdl.dedup
+
+
+@njit(cache=True)
+def _plan_parts(flat: np.ndarray, starts: np.ndarray, pad: np.ndarray, use_pad: np.ndarray,
+                uniq: np.ndarray, inverse: np.ndarray, counts: np.ndarray,
+                lo: np.ndarray, hi: np.ndarray, padded_out: np.ndarray
+                ) -> None:  # pragma: no cover (compiled)
+    """De-duplicate each part ``flat[starts[p]:starts[p + 1]]`` on its own, in one pass.
+
+    Part p's uniques (first-occurrence order, its padding id left out) go to
+    ``uniq[starts[p]:starts[p] + counts[p]]``; each id's ``inverse`` is its position
+    among them (a padding id: ``counts[p]``, the zero row); ``lo`` / ``hi`` get the
+    part's smallest / largest id (padding included, as :func:`check_ids` sees them);
+    ``padded_out[p]`` whether the padding id occurred.
+    One hash table serves every part: a slot belongs to part p only while its stamp is
+    p + 1, so nothing is cleared between parts.
+    """
+    parts = starts.shape[0] - 1
+    longest = 1
+    for p in range(parts):
+        longest = max(longest, starts[p + 1] - starts[p])
+    bits = 4
+    while (1 << bits) < 4 * longest:
+        bits += 1
+    slots = np.empty(1 << bits, dtype=np.int32)
+    stamp = np.zeros(1 << bits, dtype=np.int32)
+    for p in range(parts):
+        s, e = starts[p], starts[p + 1]
+        pbits = 4
+        while (1 << pbits) < 4 * (e - s):
+            pbits += 1
+        shift = np.uint64(64 - pbits)
+        mask = np.uint64((1 << pbits) - 1)
+        gen = p + 1
+        nu = 0
+        padded = use_pad[p]
+        padding = pad[p]
+        hit = False
+        smallest = flat[s] if e > s else 0
+        largest = smallest
+        for i in range(s, e):
+            k = flat[i]
+            smallest = min(smallest, k)
+            largest = max(largest, k)
+            if padded and k == padding:
+                inverse[i] = -1
+                hit = True
+                continue
+            h = (np.uint64(k) * _GOLDEN) >> shift
+            while True:
+                if stamp[h] != gen:
+                    stamp[h] = gen
+                    slots[h] = nu
+                    uniq[s + nu] = k
+                    inverse[i] = nu
+                    nu += 1
+                    break
+                q = slots[h]
+                if uniq[s + q] == k:
+                    inverse[i] = q
+                    break
+                h = (h + np.uint64(1)) & mask
+        if hit:
+            for i in range(s, e):
+                if inverse[i] < 0:
+                    inverse[i] = nu
+        counts[p] = nu
+        padded_out[p] = hit
+        lo[p] = smallest
+        hi[p] = largest
+
+
+def plan_many(remotes: Sequence[RemoteTable], ids: Sequence[np.ndarray]
+              ) -> list[LookupPlan | None]:
+    """:meth:`RemoteTable.plan` of several lookups at once (``ids[i]`` in
+    ``remotes[i]``, int64 numpy of any shape), de-duplicated in one compiled pass.
+
+    Same plans as one :meth:`RemoteTable.plan` each; a lookup whose ids fail the check
+    (out of range in index mode) gets None, and its own :meth:`RemoteTable.plan` raises
+    the error that names it.
+    """
+    count = len(ids)
+    if not count:
+        return []
+    arrays: list[np.ndarray | None] = []
+    for given in ids:
+        a: np.ndarray | None = np.asarray(given)
+        if a is not None and a.dtype != np.int64:
+            try:
+                a = as_ids(a)
+            except InvalidArgumentError:
+                a = None  # not ids: the lookup's own plan raises the error
+        arrays.append(a)
+    sizes = np.fromiter((0 if a is None else a.size for a in arrays), dtype=np.int64,
+                        count=count)
+    starts = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    flat = np.concatenate([a.reshape(-1) for a in arrays if a is not None] or
+                          [np.zeros(0, dtype=np.int64)])
+    pads = [r.padding_idx for r in remotes]
+    use_pad = np.fromiter((p is not None for p in pads), dtype=np.bool_, count=count)
+    pad = np.fromiter((0 if p is None else p for p in pads), dtype=np.int64, count=count)
+    uniq = np.empty(flat.size, dtype=np.int64)
+    inverse = np.empty(flat.size, dtype=np.int64)
+    counts = np.empty(count, dtype=np.int64)
+    lo = np.empty(count, dtype=np.int64)
+    hi = np.empty(count, dtype=np.int64)
+    padded = np.empty(count, dtype=np.bool_)
+    _plan_parts(flat, starts, pad, use_pad, uniq, inverse, counts, lo, hi, padded)
+    index_mode = np.fromiter((r.id_mode == "index" and r.num_rows is not None
+                              for r in remotes), dtype=np.bool_, count=count)
+    limit = np.fromiter((r.num_rows if r.num_rows is not None else 0 for r in remotes),
+                        dtype=np.int64, count=count)
+    bad = index_mode & (sizes > 0) & ((lo < 0) | (hi >= limit))
+    plans: list[LookupPlan | None] = []
+    for i, part in enumerate(arrays):
+        if part is None or bad[i]:
+            plans.append(None)
+            continue
+        s, e, u = int(starts[i]), int(starts[i + 1]), int(counts[i])
+        plans.append(LookupPlan(uniq[s:s + u], inverse[s:e], tuple(part.shape),
+                                bool(padded[i])))
+    return plans
 
 
 def plan_bags(
@@ -389,6 +516,15 @@ class RemoteTable:
     def _on_push(self, ticket: Any) -> None:
         self._refresh_prefetched()
 
+    @property
+    def push_callback(self) -> Any:
+        """``on_push`` for :meth:`GradientBuffer.add` of this table's gradients: the
+        same object every time (so that the buffer keeps one per table)."""
+        callback = self.__dict__.get("_push_callback")
+        if callback is None:
+            callback = self._push_callback = self._on_push
+        return callback
+
     # -- prefetch ------------------------------------------------------------------------
 
     def prefetch(self, ids: Any, *, exact: bool = True) -> object:
@@ -590,12 +726,18 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = 
     return [handles[pos] for pos in range(len(requests))]
 
 
-def pull_now(lookups: Sequence[tuple[RemoteTable, np.ndarray]]
+def pull_now(lookups: Sequence[tuple[RemoteTable, np.ndarray]], *, wait: bool = True
              ) -> list[tuple[int | None, np.ndarray]]:
     """Rows of several lookups' unique ids, pulled now with one ``client.pull_many`` per
     client (one request per shard for every table; a table named twice pulled once),
     after the tables' buffered gradients are pushed and their pushes applied. Returns,
-    per lookup, ``(push mark, rows)`` for :meth:`RemoteTable.exact_rows`."""
+    per lookup, ``(push mark, rows)`` for :meth:`RemoteTable.exact_rows`.
+
+    :param wait: wait for the tables' pushes to be acknowledged before pulling. False
+        sends the pull right behind them instead, on a client with a push log
+        (:class:`PushLog`, as ``xdl.Client``): a shard applies one client's requests in
+        the order they were sent, so the pull sees every push issued before it (exact,
+        one round trip less); a client without a push log is always waited for."""
     out: dict[int, tuple[int | None, np.ndarray]] = {}
     groups: dict[int, list[int]] = {}
     for pos, (remote, _) in enumerate(lookups):
@@ -612,7 +754,8 @@ def pull_now(lookups: Sequence[tuple[RemoteTable, np.ndarray]]
         for buffer in {id(r.buffer): r.buffer for r in remotes}.values():
             buffer.flush(client)
         futures: list[Future[_Rows]] = [Future() for _ in where]
-        _pull_group(remotes, uniques, futures, True)
+        _pull_group(remotes, uniques, futures, True,
+                    wait=wait or getattr(client, "push_mark", None) is None)
         for i, future in zip(where, futures, strict=True):
             mark, rows, _ = future.result()
             out[i] = (mark, rows)
@@ -620,8 +763,9 @@ def pull_now(lookups: Sequence[tuple[RemoteTable, np.ndarray]]
 
 
 def _pull_group(remotes: list[RemoteTable], uniques: list[np.ndarray],
-                futures: list[Future[_Rows]], exact: bool) -> None:
-    """The background half of :func:`prefetch_many`: one ``pull_many``, results split."""
+                futures: list[Future[_Rows]], exact: bool, *, wait: bool = True) -> None:
+    """The background half of :func:`prefetch_many`: one ``pull_many``, results split
+    (``wait=False``: the tables' pushes are not waited for, see :func:`pull_now`)."""
     try:
         client = remotes[0].client
         tables: dict[str, list[int]] = {}  # table → positions in remotes
@@ -629,7 +773,8 @@ def _pull_group(remotes: list[RemoteTable], uniques: list[np.ndarray],
             tables.setdefault(remote.table, []).append(i)
         marks: dict[str, int | None] = {}
         for table, where in tables.items():
-            remotes[where[0]].buffer.wait(client, table)  # as RemoteTable.prefetch does
+            if wait:
+                remotes[where[0]].buffer.wait(client, table)  # as RemoteTable.prefetch does
             marks[table] = remotes[where[0]]._push_mark() if exact else None
         request: dict[str, np.ndarray] = {}
         splits: dict[str, tuple[np.ndarray, list[int]]] = {}
@@ -680,6 +825,7 @@ __all__ = [
     "check_ids",
     "plan_bags",
     "plan_lookup",
+    "plan_many",
     "prefetch_many",
     "pull_now",
 ]
