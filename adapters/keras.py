@@ -138,10 +138,13 @@ class DistributedEmbedding:
 
 class _PushAfterUpdate:
     """The anchor's constraint: Keras applies a variable's constraint right after the
-    optimizer's update, so this is where a step's gradients are complete and are pushed:
-    every table of the client at once (one ``push_many``; one push per table per step).
-    Without it they would be pushed before the table's next pull, just as exactly, only
-    later."""
+    optimizer's update, so this is where a layer's gradients are complete and are
+    pushed: every table of the client at once (one ``push_many``; one push per table per
+    step). Anchors are updated one by one, and a step's other lookups may hand over
+    their gradients only after this anchor's update: then this constraint leaves the
+    push to the one of the last anchor (:func:`~xdl.backends.tensorflow_backend.gradients_owed`),
+    so that the step still makes one push. Without it they would be pushed before the
+    table's next pull, just as exactly, only later."""
 
     def __init__(self, remote: RemoteTable) -> None:
         self.remote = remote
@@ -151,11 +154,14 @@ class _PushAfterUpdate:
 
         remote = self.remote
 
+        owed = _backend().gradients_owed
+
         def push(value: np.ndarray) -> np.ndarray:
-            # every table of the client: the step's gradients are all in (the tape's
-            # gradients come before the update), so the model's tables go in one
-            # push_many; the other anchors' constraints then find nothing to push
-            remote.buffer.flush(remote.client)
+            # every table of the client once the step's lookups have all handed over
+            # their gradients: the model's tables go in one push_many; the other
+            # anchors' constraints then find nothing to push
+            if not owed(remote.client):
+                remote.buffer.flush(remote.client)
             return value
 
         value = tf.convert_to_tensor(anchor)

@@ -28,6 +28,7 @@ import functools
 import inspect
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ import numpy as np
 from xdl.backend import Backend, OnGrad
 from xdl.errors import InvalidArgumentError
 from xdl.hookspecs import hookimpl
-from xdl.step import StepPipeline, step_rows
+from xdl.step import StepPipeline, push_mark, step_rows
 
 if TYPE_CHECKING:
     from xdl.lookup import RemoteTable
@@ -128,6 +129,179 @@ def _bag_values(rows: Any, inverse: Any, bag: Any, coef: Any, num_bags: Any) -> 
     tf = _tf()
     values = tf.gather(rows, inverse) * coef[:, None]
     return tf.math.unsorted_segment_sum(values, bag, num_bags)
+
+
+def _with_padding(rows: np.ndarray, has_padding: Any) -> np.ndarray:
+    """``rows`` with the padding id's zero row appended when the lookup has one."""
+    if not has_padding:
+        return rows
+    return np.concatenate([rows, np.zeros((1, rows.shape[1]), np.float32)])
+
+
+def _ancestors(op: Any) -> set[Any]:
+    """Every op ``op`` depends on in its graph (through inputs and control inputs)."""
+    seen: set[Any] = set()
+    todo = [op]
+    while todo:
+        node = todo.pop()
+        for parent in [t.op for t in node.inputs] + list(node.control_inputs):
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
+
+
+class _GraphLookups:
+    """The :meth:`TensorFlowBackend.lookup` calls of one traced graph (a ``tf.function``;
+    Keras' train / test / predict function), pulled together: one ``client.pull_many``
+    per step instead of one pull per lookup.
+
+    Each lookup is two host callbacks: ``xdl_plan`` checks and de-duplicates its ids
+    (no network) and registers the unique ids here; ``xdl_pull_rows`` returns its rows.
+    While tracing, every ``xdl_pull_rows`` of the graph gets a control input from each
+    later lookup's ``xdl_plan`` (unless that would make a cycle: the later ids depend on
+    the earlier rows, or on a stateful op made after them), so the first pull that runs
+    finds the unique ids of the step's other lookups planned and pulls them all with one
+    :func:`xdl.lookup.pull_now`; the others take their rows, made exact by
+    :meth:`xdl.lookup.RemoteTable.exact_rows` (rows a push touched since are pulled
+    again: none, in a plain step). A lookup whose ids were not planned in time, or
+    whose table has a prefetch pending, pulls on its own, as before.
+    """
+
+    _ATTR = "_xdl_graph_lookups"
+    #: every graph's lookups (weakly): :func:`gradients_owed` asks them
+    _all: weakref.WeakSet[_GraphLookups] = weakref.WeakSet()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pulls: list[Any] = []  # the graph's xdl_pull_rows ops (while tracing)
+        self._remotes: list[RemoteTable] = []  # per slot
+        self._graded: set[int] = set()  # slots whose gradient callback was traced
+        self._owed: set[int] = set()  # slots pulled whose gradient has not come yet
+        self._planned: dict[int, tuple[RemoteTable, np.ndarray]] = {}
+        self._pulled: dict[int, tuple[np.ndarray, int | None, np.ndarray]] = {}
+        _GraphLookups._all.add(self)
+
+    @classmethod
+    def of(cls, graph: Any) -> _GraphLookups:
+        """The lookups of ``graph`` (kept on the graph: they go with it)."""
+        got = getattr(graph, cls._ATTR, None)
+        if got is None:
+            got = cls()
+            setattr(graph, cls._ATTR, got)
+        return got  # type: ignore[no-any-return]
+
+    def graded(self, slot: int) -> None:
+        """While tracing: lookup ``slot``'s rows get a gradient callback in this graph."""
+        with self._lock:
+            self._graded.add(slot)
+
+    def given(self, slot: int) -> None:
+        """Lookup ``slot``'s row gradients were handed to the gradient buffer."""
+        with self._lock:
+            self._owed.discard(slot)
+
+    def owes(self, client: Any) -> bool:
+        """Whether a lookup on ``client`` pulled in the running step still owes its row
+        gradients (so the step's gradients are not complete yet)."""
+        with self._lock:
+            return any(self._remotes[s].client is client for s in self._owed)
+
+    def add(self, remote: RemoteTable, ids: Any) -> tuple[Any, Any, Any, int]:
+        """The ops of one lookup of ``ids``: ``(rows with the padding row, inverse,
+        unique ids)`` tensors and the lookup's slot."""
+        tf = _tf()
+        slot = len(self._pulls)
+
+        def plan(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            p = remote.plan(raw)
+            with self._lock:
+                self._planned[slot] = (remote, p.unique_ids)
+                self._pulled.pop(slot, None)
+            return p.inverse, p.unique_ids, np.asarray(p.has_padding, np.int64)
+
+        def pull(unique: np.ndarray, padding: np.ndarray) -> np.ndarray:
+            return _with_padding(_float_rows(self._rows(slot, remote, unique)),
+                                 bool(padding))
+
+        inverse, unique, padding = tf.numpy_function(
+            plan, [ids], [tf.int64, tf.int64, tf.int64], stateful=False, name="xdl_plan")
+        rows = tf.numpy_function(pull, [unique, padding], tf.float32, stateful=True,
+                                 name="xdl_pull_rows")
+        planned = inverse.op
+        above = _ancestors(planned)
+        for op in self._pulls:
+            if op not in above and not any(a._id > op._id and _stateful(a) for a in above):
+                op._add_control_input(planned)
+        self._pulls.append(rows.op)
+        self._remotes.append(remote)
+        return rows, inverse, unique, slot
+
+    def _rows(self, slot: int, remote: RemoteTable, unique: np.ndarray) -> np.ndarray:
+        """Rows of ``unique`` for lookup ``slot``: pulled by an earlier lookup of the
+        step (made exact), else pulled now with every lookup planned and not pulled."""
+        with self._lock:
+            if slot in self._graded:
+                self._owed.add(slot)
+            got = self._pulled.pop(slot, None)
+            self._planned.pop(slot, None)
+            others: list[tuple[int, RemoteTable, np.ndarray]] = []
+            if got is None:
+                others = [(s, r, u) for s, (r, u) in self._planned.items()
+                          if not r.pending_prefetches]
+                for s, _, _ in others:
+                    del self._planned[s]
+        if got is not None:
+            was, mark, rows = got
+            if np.array_equal(was, unique):
+                return remote.exact_rows(unique, mark, rows)
+        if remote.pending_prefetches:  # DistributedEmbedding.prefetch
+            return remote.rows(unique)
+        results = _pull_step([(remote, unique), *[(r, u) for _, r, u in others]])
+        with self._lock:
+            for (s, _, u), (mark, rows) in zip(others, results[1:], strict=True):
+                self._pulled[s] = (u, mark, rows)
+        return results[0][1]
+
+
+def gradients_owed(client: Any) -> bool:
+    """Whether a lookup on ``client`` in a running graph step has not handed over its row
+    gradients yet (:class:`_GraphLookups`): a push of the step's gradients now would
+    leave that lookup's for a second push. The Keras adapter's push after the optimizer's
+    update waits for the last one then (or, should none come, the next pull flushes)."""
+    return any(lookups.owes(client) for lookups in list(_GraphLookups._all))
+
+
+def _pull_step(lookups: list[tuple[RemoteTable, np.ndarray]]
+               ) -> list[tuple[int | None, np.ndarray]]:
+    """``(push mark, rows)`` of each lookup's unique ids, pulled with one
+    ``client.pull_many`` per client (:func:`xdl.step.step_rows`; a pending prefetch is
+    taken instead). Buffered gradients are pushed first; the pull is sent without
+    waiting for the pushes' acknowledgements (a shard applies a client's requests in
+    order, so it sees them), and those of ``sync_push`` tables are awaited after it:
+    one round trip instead of two."""
+    remotes = [r for r, _ in lookups]
+    flushed: set[tuple[int, int]] = set()
+    for remote in remotes:
+        key = (id(remote.buffer), id(remote.client))
+        if key not in flushed:
+            flushed.add(key)
+            remote.buffer.flush(remote.client)
+    marks = [push_mark(r) for r in remotes]
+    rows = step_rows(remotes, [u for _, u in lookups], wait=False)
+    waited: set[tuple[int, str]] = set()
+    for remote in remotes:
+        if remote.sync_push and (id(remote.client), remote.table) not in waited:
+            waited.add((id(remote.client), remote.table))
+            remote.buffer.wait(remote.client, remote.table)
+    return list(zip(marks, rows, strict=True))
+
+
+def _stateful(op: Any) -> bool:
+    try:
+        return bool(op._is_stateful)
+    except AttributeError:  # pragma: no cover (every Operation has it)
+        return True
 
 
 class TensorFlowBackend(Backend):
@@ -233,6 +407,11 @@ class TensorFlowBackend(Backend):
         """``tf.reshape(t, shape)``."""
         return _tf().reshape(t, list(shape))
 
+    def gradients_owed(self, client: Any) -> bool:
+        """Whether a graph step's lookup on ``client`` has not handed over its row
+        gradients yet (see :func:`gradients_owed`)."""
+        return gradients_owed(client)
+
     def expand(self, tensor: Any, indicator: Any) -> Any:
         """Group rows to samples: row ``indicator[i]`` of ``tensor`` for sample ``i``
         (``tf.gather``; eager or symbolic ``indicator``)."""
@@ -241,15 +420,20 @@ class TensorFlowBackend(Backend):
 
     # --- graph-safe lookups (host callbacks) --------------------------------------------
 
-    def _rows_of(self, remote: RemoteTable, rows: Any, unique: Any, anchor: Any) -> Any:
+    def _rows_of(self, remote: RemoteTable, rows: Any, unique: Any, anchor: Any,
+                 step: tuple[_GraphLookups, int] | None = None) -> Any:
         tf = _tf()
 
         def add(ids: np.ndarray, grad: np.ndarray) -> np.ndarray:
             # a padding row, when there is one, is the last row: no id, no gradient
             remote.add_gradients(ids, _float_rows(grad[:ids.size]))
+            if step is not None:
+                step[0].given(step[1])
             return _ZERO
 
         def give(dy: Any) -> Any:
+            if step is not None:
+                step[0].graded(step[1])
             return tf.numpy_function(add, [unique, dy], tf.float32, stateful=True,
                                      name="xdl_row_grads")
 
@@ -268,17 +452,21 @@ class TensorFlowBackend(Backend):
         ids = _id_tensor(ids)
         dim = remote.dim
 
-        def forward(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            plan, rows = remote.lookup(np.asarray(raw))
-            rows = _float_rows(rows)
-            if plan.has_padding:
-                rows = np.concatenate([rows, np.zeros((1, dim), np.float32)])
-            return rows, plan.inverse, plan.unique_ids
+        if tf.executing_eagerly():
+            def forward(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                plan, rows = remote.lookup(np.asarray(raw))
+                return _with_padding(_float_rows(rows), plan.has_padding), plan.inverse, \
+                    plan.unique_ids
 
-        rows, inverse, unique = tf.numpy_function(
-            forward, [ids], [tf.float32, tf.int64, tf.int64], stateful=True,
-            name="xdl_pull_rows")
-        rows = self._rows_of(remote, rows, unique, anchor)
+            rows, inverse, unique = tf.numpy_function(
+                forward, [ids], [tf.float32, tf.int64, tf.int64], stateful=True,
+                name="xdl_pull_rows")
+            step = None
+        else:
+            lookups = _GraphLookups.of(ids.graph)
+            rows, inverse, unique, slot = lookups.add(remote, ids)
+            step = (lookups, slot)
+        rows = self._rows_of(remote, rows, unique, anchor, step)
         out = tf.reshape(tf.gather(rows, inverse),
                          tf.concat([tf.shape(ids, tf.int64), [dim]], 0))
         out.set_shape(ids.shape.concatenate([dim]))

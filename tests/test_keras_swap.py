@@ -134,6 +134,81 @@ def test_swap_trains_like_local_and_unswaps_for_saving(kind: str, tmp_path: Path
         np.testing.assert_allclose(restored.serve(ids).numpy(), trained, rtol=0, atol=1e-6)
 
 
+def three_tables() -> Any:
+    """Three Embedding layers: two on the input, one on ids computed from the first's
+    rows (so its pull cannot join the others')."""
+    keras.utils.set_random_seed(11)
+    ids = keras.Input((WIDTH,), dtype="int32", name="ids")
+    first = keras.layers.Embedding(VOCAB, DIM, name="t1")(ids)
+    second = keras.layers.Embedding(VOCAB, DIM, name="t2")(ids[:, ::-1])
+    derived = keras.ops.cast(keras.ops.argmax(first, -1), "int32")  # in [0, DIM)
+    third = keras.layers.Embedding(VOCAB, DIM, name="t3")(derived)
+    x = keras.layers.Concatenate()([keras.layers.Flatten()(t) for t in (first, second, third)])
+    return keras.Model(ids, keras.layers.Dense(1, activation="sigmoid")(x))
+
+
+class _Counted:
+    """Counts a client method's calls."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_fit_pulls_a_steps_lookups_together_and_pushes_once_exactly() -> None:
+    """In a traced step the lookups whose ids are known early share one pull_many (the
+    derived one pulls alone), the step makes one push_many for its three tables, and
+    training equals local training; two updates in one tf.function (the second
+    forward's rows pulled before the first update's push) stay exact too."""
+    ids, label = data(3)
+    local = three_tables()
+    local(ids[:2])
+    local.compile(optimizer=keras.optimizers.SGD(LR), loss="binary_crossentropy")
+    local_losses = local.fit(ids, label, batch_size=BATCH, epochs=1, shuffle=False,
+                             verbose=0).history["loss"]
+    with xdl.connect(local_shards=1) as client:
+        model = three_tables()
+        model(ids[:2])
+        xdl.swap(model, client, optimizer=xdl.optim.SGD(lr=LR), prefix="three.")
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="binary_crossentropy")
+        client.pull_many = pulls = _Counted(client.pull_many)  # type: ignore[method-assign]
+        client.push_many = pushes = _Counted(client.push_many)  # type: ignore[method-assign]
+        losses = model.fit(ids, label, batch_size=BATCH, epochs=1, shuffle=False,
+                           verbose=0).history["loss"]
+        steps = N // BATCH
+        assert (pulls.calls, pushes.calls) == (2 * steps, steps)
+        np.testing.assert_allclose(losses, local_losses, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(model.predict(ids, verbose=0), local.predict(ids, verbose=0),
+                                   rtol=0, atol=1e-5)
+
+        def two_updates(net: Any, opt: Any) -> Callable[..., Any]:
+            @tf.function
+            def run(a: Any, b: Any, ya: Any, yb: Any) -> Any:
+                out = []
+                for x, y in ((a, ya), (b, yb)):
+                    with tf.GradientTape() as tape:
+                        loss = tf.reduce_mean(keras.losses.binary_crossentropy(y, net(x)))
+                    grads = tape.gradient(loss, net.trainable_variables)
+                    opt.apply_gradients(zip(grads, net.trainable_variables, strict=True))
+                    out.append(loss)
+                return tf.stack(out)
+            return run
+
+        ours = two_updates(model, keras.optimizers.SGD(LR))
+        theirs = two_updates(local, keras.optimizers.SGD(LR))
+        for k in range(0, N, 2 * BATCH):  # the two halves share ids: the push matters
+            a, b = ids[k:k + BATCH], ids[k + BATCH:k + 2 * BATCH]
+            ya, yb = label[k:k + BATCH], label[k + BATCH:k + 2 * BATCH]
+            np.testing.assert_allclose(ours(a, b, ya, yb).numpy(), theirs(a, b, ya, yb).numpy(),
+                                       rtol=0, atol=1e-5)
+        np.testing.assert_allclose(model.predict(ids, verbose=0), local.predict(ids, verbose=0),
+                                   rtol=0, atol=1e-5)
+        xdl.unswap(model)
+
+
 def test_mask_zero_same_mask_and_hash_mode() -> None:
     ids, label = data()
     model = build("functional")
