@@ -364,14 +364,66 @@ def _member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
 
 
 class _Prefetched:
-    """One prefetched lookup: its unique ids and the future of ``(mark, rows)``."""
+    """One prefetched lookup: its unique ids and the future of ``(mark, rows)``; when
+    its pull waits for the coming push, the :class:`_Deferred` group that sends it."""
 
-    __slots__ = ("exact", "future", "unique")
+    __slots__ = ("deferred", "exact", "future", "unique")
 
     def __init__(self, unique: np.ndarray, future: Future[_Rows], exact: bool) -> None:
         self.unique = unique
         self.future = future
         self.exact = exact
+        self.deferred: _Deferred | None = None
+
+
+class _Deferred:
+    """A :func:`prefetch_many` group whose pull waits for the coming push of its tables.
+
+    Exact prefetch of batch t+1, asked for while batch t's lookups are still to come,
+    would pull rows that batch t's push then makes stale (and pull them again after
+    it). Instead the group's one ``pull_many`` is sent right after that push (when the
+    last table it waits for is pushed: :meth:`pushed`), on the same sockets, so a shard
+    applies it after the push: exact, one request per shard per step. A lookup that
+    comes first sends it itself (:meth:`fire` ``now``).
+    """
+
+    def __init__(self, remotes: list[RemoteTable], uniques: list[np.ndarray],
+                 futures: list[Future[_Rows]], exact: bool, waiting: set[str]) -> None:
+        self.remotes = remotes
+        self.uniques = uniques
+        self.futures = futures
+        self.exact = exact
+        self.waiting = waiting
+        self.fired = False
+        self._lock = threading.Lock()
+        # without a push log the pull cannot rely on request order: wait for the pushes
+        self.wait = getattr(remotes[0].client, "push_mark", None) is None
+
+    def pushed(self, table: str) -> None:
+        """``table`` was pushed: send the pull once every awaited table was."""
+        with self._lock:
+            self.waiting.discard(table)
+            ready = not self.waiting
+        if ready:
+            self.fire()
+
+    def fire(self, *, now: bool = False) -> None:
+        """Send the pull (once): in the prefetch thread, or ``now`` in this thread."""
+        with self._lock:
+            if self.fired:
+                return
+            self.fired = True
+        if now:
+            _pull_group(self.remotes, self.uniques, self.futures, self.exact, wait=self.wait)
+            return
+        try:
+            self.remotes[0]._prefetch_executor().submit(
+                _pull_group, self.remotes, self.uniques, self.futures, self.exact,
+                wait=self.wait)
+        except RuntimeError as exc:  # the table was closed meanwhile
+            for future in self.futures:
+                if not future.done():
+                    future.set_exception(exc)
 
 
 # ----------------------------------------------------------------------- the table
@@ -430,6 +482,7 @@ class RemoteTable:
         self.buffer = buffer if buffer is not None else default_buffer()
         self.name = name
         self._prefetched: deque[_Prefetched] = deque()
+        self._deferred: list[_Deferred] = []  # groups waiting for this table's next push
         self._prefetch_lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -515,6 +568,10 @@ class RemoteTable:
 
     def _on_push(self, ticket: Any) -> None:
         self._refresh_prefetched()
+        with self._prefetch_lock:
+            deferred, self._deferred = self._deferred, []
+        for group in deferred:  # their pulls go out after this push
+            group.pushed(self.table)
 
     @property
     def push_callback(self) -> Any:
@@ -615,7 +672,8 @@ class RemoteTable:
             if self._executor is None:
                 return
             for entry in self._prefetched:
-                if entry.exact:
+                # a group still waiting for this push pulls after it: nothing to refresh
+                if entry.exact and (entry.deferred is None or entry.deferred.fired):
                     entry.future = self._executor.submit(self._refreshed, entry.unique,
                                                          entry.future)
 
@@ -651,6 +709,8 @@ class RemoteTable:
                     break
         if entry is None:
             return None
+        if entry.deferred is not None:
+            entry.deferred.fire(now=True)  # the awaited push did not come (yet)
         mark, rows, missing = entry.future.result()
         if entry.exact:  # pushes since the last refresh (a shared table, a truncated log)
             _, rows, _ = self._patch(unique, mark, rows, missing)
@@ -672,6 +732,7 @@ class RemoteTable:
         with self._prefetch_lock:
             executor, self._executor = self._executor, None
             self._prefetched.clear()
+            self._deferred.clear()
         if executor is not None:
             executor.shutdown(wait=True)
         self.wait_pushes()
@@ -710,15 +771,28 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = 
             continue
         uniques = [remote._unique(ids) if plans is None else plans[pos].unique_ids
                    for pos, remote, ids in group]
+        remotes = [r for _, r, _ in group]
+        # exact, with lookups of these tables still to come (the running step's): its
+        # push will make rows stale, so the pull waits for that push (see _Deferred)
+        waiting = ({r.table for r in remotes if r.pending_prefetches}
+                   if exact and background else set())
         futures: list[Future[_Rows]] = []
+        entries: list[_Prefetched] = []
         for (pos, remote, _), unique in zip(group, uniques, strict=True):
             future: Future[_Rows] = Future()
             entry = _Prefetched(unique, future, exact)
             remote._add_prefetched(entry)
             handles[pos] = entry
             futures.append(future)
-        remotes = [r for _, r, _ in group]
-        if background:
+            entries.append(entry)
+        if waiting:
+            deferred = _Deferred(remotes, uniques, futures, exact, waiting)
+            for entry in entries:
+                entry.deferred = deferred
+            for remote in {id(r): r for r in remotes if r.table in waiting}.values():
+                with remote._prefetch_lock:
+                    remote._deferred.append(deferred)
+        elif background:
             remotes[0]._prefetch_executor().submit(_pull_group, remotes, uniques, futures,
                                                    exact)
         else:
