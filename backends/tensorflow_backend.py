@@ -9,7 +9,11 @@ Ids may be symbolic (inside ``tf.function``, Keras ``fit``), so :meth:`lookup` a
 code path in eager and in graph mode. The forward callback asks the core's
 :class:`xdl.lookup.RemoteTable` for the rows of the batch's unique ids and the inverse
 index (for bags also the bag of each id and the combiner's weights); TensorFlow gathers
-and combines them, so its own autograd sums the gradients of repeated ids. A
+and combines them, so its own autograd sums the gradients of repeated ids. In a traced
+graph a :meth:`lookup` is two callbacks, one that plans its ids and one that returns its
+rows, so that a step's lookups are pulled together, with one ``client.pull_many``
+(:class:`_GraphLookups`). The callbacks and the methods that define them are never
+converted by AutoGraph (:func:`_unconverted`). A
 ``tf.custom_gradient`` around the rows hands their gradient to a second callback, which
 gives it to the table's gradient buffer (:meth:`xdl.lookup.RemoteTable.add_gradients`;
 one push per table per step, before the table's next pull: TensorFlow has no
@@ -714,7 +718,7 @@ class TrainStep:
             got = self._pipeline.take(remotes, uniques) if train else None
             if got is None:
                 self._pipeline.wait()
-                got = step_rows(remotes, uniques)
+                got = [rows for _, rows in _pull_step(list(zip(remotes, uniques, strict=True)))]
             out: list[np.ndarray] = []
             for i, rows in enumerate(got):
                 plan, rows = plans[i], _float_rows(rows)
