@@ -43,11 +43,12 @@ import numpy as np
 from xdl import init as xinit
 from xdl.errors import XdlError
 from xdl.hookspecs import hookimpl
-from xdl.lookup import LookupPlan, RemoteTable
+from xdl.lookup import LookupPlan, RemoteTable, pull_now
 from xdl.sharding import add_rows
 from xdl.surgery import LayerAdapter, LayerSpec
 
 _block_class: Any = None
+_MAX_READY = 8  # rows pulled for coming lookups kept unconsumed at most (oldest dropped)
 
 
 def _mx() -> Any:
@@ -161,6 +162,11 @@ def block_class() -> Any:
                                               init=mx.init.Zero(), allow_deferred_init=False)
                 self.anchor.initialize(ctx=mx.cpu())
                 self._key = _backend().register_host(self)
+                # hand-overs queued on MXNet's engine by the net's hook, not yet run
+                self.in_flight: list[threading.Event] = []
+                # rows pulled by the engine for coming lookups: (ids, plan, mark, rows)
+                self._ready: list[tuple[np.ndarray, LookupPlan, int | None, np.ndarray]] = []
+                self._ready_lock = threading.Lock()
                 self.register_forward_pre_hook(lambda block, args: block.before_step())
 
             @property
@@ -185,12 +191,15 @@ def block_class() -> Any:
                 return 1.0 if found is None else found
 
             def before_step(self) -> None:
-                """Wait for the previous backward (MXNet runs it asynchronously), then
-                hand its row gradients, scaled, to the table's gradient buffer."""
+                """Wait for the previous backward (MXNet runs it asynchronously) and for
+                the hand-overs queued on the engine, then hand the row gradients still
+                held, scaled, to the table's gradient buffer."""
                 if self.anchor.grad_req != "null":
                     for grad in self.anchor.list_grad():
                         grad.wait_to_read()
                 _backend().wait_backward()
+                for event in list(self.in_flight):
+                    event.wait()
                 if len(self.held):
                     self.held.hand_over(self.scale())
 
@@ -207,8 +216,38 @@ def block_class() -> Any:
 
             def prefetch(self, ids: Any, *, exact: bool = True) -> None:
                 """Pull the rows of a coming batch's ``ids`` in the background
-                (:meth:`xdl.lookup.RemoteTable.prefetch`)."""
-                self.remote.prefetch(_backend().ids_to_numpy(ids), exact=exact)
+                (:meth:`xdl.lookup.RemoteTable.prefetch`).
+
+                In a hybridized swapped net an exact prefetch is sent by MXNet's engine
+                right after the push of the step before the net's next forward, in one
+                ``pull_many`` with the other tables' (see :class:`EngineStep`): call it
+                just before that forward and its rows need no re-pull.
+                """
+                ids = _backend().ids_to_numpy(ids)
+                net = self._net() if self._net is not None else None
+                step = _hooks_step.get(net) if net is not None else None
+                if exact and step is not None and getattr(net, "_active", False):
+                    step.defer(self, ids, self.remote.plan(ids))
+                else:
+                    self.remote.prefetch(ids, exact=exact)
+
+            def ready(self, ids: np.ndarray, plan: LookupPlan, mark: int | None,
+                      rows: np.ndarray) -> None:
+                """Keep rows pulled for a coming lookup of ``ids`` (at push ``mark``)."""
+                with self._ready_lock:
+                    self._ready.append((ids, plan, mark, rows))
+                    del self._ready[:-_MAX_READY]
+
+            def _take_ready(self, ids: np.ndarray) -> tuple[LookupPlan, np.ndarray] | None:
+                """The plan and exact rows kept for ``ids`` (see :meth:`ready`), or None."""
+                with self._ready_lock:
+                    found = next((i for i, entry in enumerate(self._ready)
+                                  if entry[0].shape == ids.shape
+                                  and np.array_equal(entry[0], ids)), None)
+                    if found is None:
+                        return None
+                    _, plan, mark, rows = self._ready.pop(found)
+                return plan, self.remote.exact_rows(plan.unique_ids, mark, rows)
 
             # -- forward ---------------------------------------------------------------
 
@@ -222,9 +261,22 @@ def block_class() -> Any:
 
             # numpy-level entry points of the custom operator (xdl_host_lookup)
             def host_forward(self, ids: np.ndarray) -> tuple[np.ndarray, LookupPlan]:
-                """Output and plan of the lookup of ``ids``."""
-                plan, rows = self.remote.lookup(ids)
+                """Output and plan of the lookup of ``ids`` (rows the engine pulled for
+                them when there are, see :meth:`prefetch`)."""
+                found = self._take_ready(ids)
+                plan, rows = found if found is not None else self.remote.lookup(ids)
                 return place_numpy(rows, plan, self._output_dim), plan
+
+            def host_forward_rows(self, ids: np.ndarray
+                                  ) -> tuple[np.ndarray, np.ndarray, LookupPlan]:
+                """Distinct rows of the lookup of ``ids`` (a zero row appended for
+                padding ids), the index of each id's row, and the plan: the operator
+                gathers the output in MXNet."""
+                found = self._take_ready(ids)
+                plan, rows = found if found is not None else self.remote.lookup(ids)
+                if plan.has_padding:
+                    rows = np.concatenate([rows, np.zeros((1, self._output_dim), np.float32)])
+                return rows, plan.inverse.reshape(plan.shape), plan
 
             def host_backward(self, plan: LookupPlan, grad: np.ndarray) -> None:
                 """Hold the unique rows' gradient of the lookup that made ``plan``."""
@@ -383,10 +435,115 @@ class GluonAdapter(LayerAdapter):
 
 
 _hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_hooks_step: weakref.WeakKeyDictionary[Any, EngineStep] = weakref.WeakKeyDictionary()
+
+
+def _flush(layers: list[Any]) -> None:
+    """One push for all tables of a client (``push_many``), not one per table's pull."""
+    for remote in {id(layer.remote.client): layer.remote for layer in layers}.values():
+        remote.buffer.flush(remote.client)
+
+
+def pull_ready(deferred: list[tuple[Any, np.ndarray, LookupPlan]]) -> None:
+    """Pull the rows of deferred lookups ``(layer, ids, plan)`` now, one ``pull_many``
+    per client sent right behind the pushes already sent, and hand them to the layers
+    (:meth:`DistributedEmbedding.ready`)."""
+    if not deferred:
+        return
+    got = pull_now([(layer.remote, plan.unique_ids) for layer, _, plan in deferred],
+                   wait=False)
+    for (layer, ids, plan), (mark, rows) in zip(deferred, got, strict=True):
+        layer.ready(ids, plan, mark, rows)
+
+
+class EngineStep:
+    """A hybridized net's step boundary, kept in MXNet's engine order.
+
+    Before each forward of the net, the previous step's row gradients must be handed
+    over (scaled by the Trainer's ``rescale_grad``) and pushed before the lookups pull.
+    A hybridized net's lookups are custom operators that MXNet runs on its own threads,
+    so the wait for the backward need not block Python: :meth:`queue` issues one
+    engine callback (:func:`xdl.backends.mxnet_backend.run_on_engine`) that reads every
+    anchor gradient (so it runs after the backward that writes them) and writes every
+    anchor (so the next step's lookup operators, which read their anchor, run after
+    it). The callback hands over the held gradients with the scale read when it was
+    queued, as the blocking path does, pushes them in one ``push_many``, and then pulls
+    the rows of the exact prefetches the blocks deferred to it (:meth:`defer`) in one
+    ``pull_many`` sent right behind the push (:func:`xdl.lookup.pull_now` with
+    ``wait=False``: a shard applies a client's requests in order, so the pull sees the
+    push); a lookup operator finds its rows ready, checked against the push mark
+    (:meth:`xdl.lookup.RemoteTable.exact_rows`). Python goes on dispatching the next
+    step while the engine computes this one, as it does in local training.
+
+    :ivar lead: queued hand-overs that may wait unrun; :meth:`queue` waits for older
+        ones (this bounds how far Python runs ahead, and so how many exact prefetches
+        are pending and re-pulled after each push).
+    """
+
+    lead = 2
+
+    def __init__(self) -> None:
+        self._events: list[threading.Event] = []
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._deferred: list[tuple[Any, np.ndarray, LookupPlan]] = []
+
+    def defer(self, layer: Any, ids: np.ndarray, plan: LookupPlan) -> None:
+        """Have the next hand-over pull the rows of ``layer``'s coming lookup of ``ids``
+        (``plan``: their plan), right after its push."""
+        with self._lock:
+            self._deferred.append((layer, ids, plan))
+
+    def take_deferred(self) -> list[tuple[Any, np.ndarray, LookupPlan]]:
+        """The deferred prefetches, forgotten here."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        return deferred
+
+    def queue(self, layers: list[Any]) -> None:
+        """Queue the hand-over and push of ``layers``' held gradients on MXNet's engine,
+        followed by the prefetches deferred so far."""
+        self.raise_error()
+        deferred = self.take_deferred()
+        scales = [layer.scale() for layer in layers]
+        grads = [g for layer in layers if layer.anchor.grad_req != "null"
+                 for g in layer.anchor.list_grad()]
+        anchors = [a for layer in layers for a in layer.anchor.list_data()]
+        done = threading.Event()
+
+        def hand_over() -> None:
+            try:
+                for layer, scale in zip(layers, scales, strict=True):
+                    layer.held.hand_over(scale)
+                _flush(layers)
+                pull_ready(deferred)
+            except BaseException as exc:  # raised in Python by the next queue()
+                self._error = exc
+            finally:
+                done.set()
+                for layer in layers:
+                    if done in layer.in_flight:
+                        layer.in_flight.remove(done)
+
+        for layer in layers:
+            layer.in_flight.append(done)
+        self._events = [e for e in self._events if not e.is_set()]
+        self._events.append(done)
+        _backend().run_on_engine(grads, anchors, hand_over)
+        while len(self._events) > self.lead:
+            self._events.pop(0).wait()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        """Raise what a queued hand-over raised (once)."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _install_hook(model: Any, distributed: list[Any]) -> None:
     handle = _hooks.pop(model, None)
+    _hooks_step.pop(model, None)
     if handle is not None:
         handle.detach()
     if not distributed or isinstance(model, block_class()):
@@ -394,14 +551,19 @@ def _install_hook(model: Any, distributed: list[Any]) -> None:
     blocks = weakref.WeakSet(distributed)
     for layer in distributed:
         object.__setattr__(layer, "_net", weakref.ref(model))
+    step = EngineStep()
+    _hooks_step[model] = step
 
     def before_forward(block: Any, args: Any) -> None:
         layers = list(blocks)
+        if getattr(block, "_active", False):  # the cached graph runs the lookups
+            step.queue(layers)
+            return
+        step.raise_error()
         for layer in layers:
             layer.before_step()
-        # one push for all tables of a client (push_many), not one per table's pull
-        for remote in {id(layer.remote.client): layer.remote for layer in layers}.values():
-            remote.buffer.flush(remote.client)
+        _flush(layers)
+        pull_ready(step.take_deferred())
 
     _hooks[model] = model.register_forward_pre_hook(before_forward)
 

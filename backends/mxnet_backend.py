@@ -23,6 +23,7 @@ has run once the gradient of the op's ``anchor`` input is readable (see
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import itertools
@@ -85,6 +86,49 @@ def _float_rows(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def nd_from_numpy(a: np.ndarray, dtype: Any = np.float32) -> Any:
+    """An NDArray holding a private copy of ``a`` (as ``dtype``), made without waiting
+    for MXNet's engine.
+
+    ``mx.nd.array`` copies into a new NDArray through the engine and so waits behind the
+    operator a worker is running (hundreds of milliseconds behind a large one); this
+    copies in numpy and hands the copy over through DLPack (``from_numpy(zero_copy=True)``).
+    """
+    mx = _mx()
+    own = np.array(a, dtype=dtype, order="C", copy=True)
+    if not own.size:
+        return mx.nd.zeros(own.shape, dtype=own.dtype)
+    return mx.nd.from_numpy(own, zero_copy=True)
+
+
+class _ReadView:
+    """DLPack producer of a read view of an NDArray (for ``np.from_dlpack``)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def __dlpack__(self, stream: Any = None) -> Any:
+        return _mx().nd.to_dlpack_for_read(self.array)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
+
+
+def read_view(array: Any) -> np.ndarray:
+    """A read-only numpy view of a CPU float32 NDArray's memory, without a copy (through
+    DLPack; a copy, ``asnumpy``, where that is not possible). Use it while MXNet keeps
+    the array unchanged (inside an operator's callback), and copy what you keep."""
+    try:
+        view = np.from_dlpack(_ReadView(array))
+    except (AttributeError, TypeError, ValueError, BufferError, RuntimeError):
+        return _float_rows(array.asnumpy())
+    if view.dtype != np.float32 or not view.flags.c_contiguous:
+        return _float_rows(view)
+    return view
+
+
 def ids_to_numpy(ids: Any) -> np.ndarray:
     """Ids (an NDArray, numpy array or sequence) as int64 numpy, shape kept.
 
@@ -131,7 +175,7 @@ def rows_function() -> Any:
 
             def forward(self, anchor: Any) -> Any:
                 self._anchor_shape = tuple(anchor.shape)
-                return mx.nd.array(self._rows, dtype=np.float32)
+                return nd_from_numpy(self._rows)
 
             def backward(self, grad: Any) -> Any:
                 self._on_grad(_float_rows(grad.asnumpy()))
@@ -145,14 +189,21 @@ def rows_function() -> Any:
 
 
 class HostLookup(Protocol):
-    """A numpy-level lookup that the ``xdl_host_lookup`` custom operator calls."""
+    """A numpy-level lookup that the ``xdl_host_lookup`` custom operator calls.
+
+    A host may also have ``host_forward_rows(ids, *extra) -> (rows, index, state)``:
+    float32 ``rows [R, dim]`` and an integer ``index`` of the ids' shape; the output is
+    then ``rows[index]``, gathered by MXNet's ``take`` on its engine instead of being
+    built in numpy and copied (the forward used when present).
+    """
 
     def host_forward(self, ids: np.ndarray, *extra: np.ndarray) -> tuple[np.ndarray, Any]:
         """Output (float32) of the lookup of ``ids`` and a state for the backward."""
         ...
 
     def host_backward(self, state: Any, grad: np.ndarray) -> None:
-        """Take the output's gradient (float32 numpy) for the lookup that made ``state``."""
+        """Take the output's gradient (float32 numpy) for the lookup that made ``state``;
+        ``grad`` is a read-only view, valid during the call only (copy what you keep)."""
         ...
 
     def host_output_shape(self, ids_shape: tuple[int, ...],
@@ -206,10 +257,19 @@ def ensure_host_op() -> None:
             host = _host(self._key)
             ids = ids_to_numpy(in_data[0])
             extra = [in_data[1 + i].asnumpy() for i in range(self._num_extra)]
-            out, state = host.host_forward(ids, *extra)
+            forward_rows = getattr(host, "host_forward_rows", None)
+            if forward_rows is not None:
+                rows, index, state = forward_rows(ids, *extra)
+                # only the distinct rows and the index are copied; MXNet gathers
+                out = mx.nd.take(nd_from_numpy(rows), nd_from_numpy(index, np.int32), axis=0,
+                                 out=out_data[0] if req[0] in ("write", "inplace") else None)
+            else:
+                out, state = host.host_forward(ids, *extra)
+                out = nd_from_numpy(out)
             if is_train:  # a backward finds its forward's state by the ids
                 self._states = [*self._states[-7:], (ids, state)]
-            self.assign(out_data[0], req[0], mx.nd.array(out, dtype=np.float32))
+            if out is not out_data[0]:
+                self.assign(out_data[0], req[0], out)
 
         def backward(self, req: Any, out_grad: Any, in_data: Any, out_data: Any,
                      in_grad: Any, aux: Any) -> None:
@@ -218,7 +278,7 @@ def ensure_host_op() -> None:
             for i in range(len(self._states) - 1, -1, -1):
                 if np.array_equal(self._states[i][0], ids):
                     state = self._states.pop(i)[1]
-                    _host(self._key).host_backward(state, _float_rows(out_grad[0].asnumpy()))
+                    _host(self._key).host_backward(state, read_view(out_grad[0]))
                     break
             for i, grad in enumerate(in_grad):
                 self.assign(grad, req[i], 0)
@@ -260,6 +320,74 @@ def host_lookup(F: Any, key: str, ids: Any, anchor: Any, *extra: Any) -> Any:  #
     """``F.Custom`` call of the host lookup ``key`` (``F`` is ``mx.sym`` or ``mx.nd``)."""
     ensure_host_op()
     return F.Custom(ids, *extra, anchor, op_type=HOST_OP, key=key, num_extra=str(len(extra)))
+
+
+# ------------------------------------------------------------- engine callback
+
+#: the name an engine callback carries in MXNet's profiler.
+CALLBACK_NAME = b"xdl_engine_callback"
+_callbacks: dict[int, Callable[[], None]] = {}
+_callback_keys = itertools.count(1)
+_engine_push: Any = None
+
+
+class _CContext(ctypes.Structure):
+    """MXNet's ``Context`` as the C API takes it (``dev_type``: 1 is the CPU)."""
+
+    _fields_ = (("dev_type", ctypes.c_int), ("dev_id", ctypes.c_int32))
+
+
+def _run_callback(_rctx: Any, key: Any) -> None:
+    callback = _callbacks.pop(int(key or 0), None)
+    if callback is not None:
+        try:
+            callback()
+        except BaseException:  # noqa: BLE001 - nothing may unwind into the engine
+            sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
+
+
+#: ``void (*EngineSyncFunc)(void* rctx, void* param)``, made once and kept for good
+_ENGINE_SYNC_FUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(_run_callback)
+_CPU = _CContext(1, 0)
+
+
+def run_on_engine(reads: Sequence[Any], writes: Sequence[Any],
+                  callback: Callable[[], None]) -> None:
+    """Call ``callback()`` on an MXNet engine thread once every write to ``reads``
+    issued so far is done, and before any use of ``writes`` issued from now on (it
+    holds them as written); the caller does not wait.
+
+    This is how a step boundary stays in MXNet's order without blocking Python: a
+    lookup operator of the next step that reads one of ``writes`` runs after
+    ``callback``, which runs after the backward pass that writes ``reads``
+    (gradients). It is MXNet's ``MXEnginePushSyncND``, the C API's way to push a
+    function with its read and write dependencies; the function runs on a CPU worker
+    of the engine, holding the GIL.
+
+    :param reads: NDArrays to wait for (not changed).
+    :param writes: NDArrays later operators must wait for (not changed either).
+    :param callback: runs once; it must not wait for MXNet (it runs inside the
+        engine) and should catch its own errors (an escaping one is only printed).
+    """
+    global _engine_push
+    mx = _mx()
+    if _engine_push is None:
+        push = mx.base._LIB.MXEnginePushSyncND
+        push.restype = ctypes.c_int
+        _engine_push = push
+    handles = mx.base.NDArrayHandle
+    key = next(_callback_keys)
+    _callbacks[key] = callback
+    const = (handles * len(reads))(*[a.handle for a in reads])
+    mutable = (handles * len(writes))(*[a.handle for a in writes])
+    try:
+        mx.base.check_call(_engine_push(
+            _ENGINE_SYNC_FUNC, ctypes.c_void_p(key), None, ctypes.byref(_CPU),
+            const, ctypes.c_int(len(reads)), mutable, ctypes.c_int(len(writes)),
+            None, ctypes.c_int(0), ctypes.c_char_p(CALLBACK_NAME)))
+    except BaseException:
+        _callbacks.pop(key, None)
+        raise
 
 
 def wait_backward(anchor_grads: Sequence[Any]) -> None:
@@ -341,6 +469,12 @@ class MXNetBackend(Backend):
         with self._lock:
             pending, self._pending = self._pending, []
         wait_backward(pending)
+
+    def run_on_engine(self, reads: Sequence[Any], writes: Sequence[Any],
+                      callback: Callable[[], None]) -> None:
+        """:func:`run_on_engine`: ``callback`` in MXNet's order, after ``reads`` are
+        written and before ``writes`` are read, without blocking the caller."""
+        run_on_engine(reads, writes, callback)
 
     def register_host(self, host: HostLookup) -> str:
         """:func:`register_host`: the key an ``xdl_host_lookup`` operator names ``host`` by."""

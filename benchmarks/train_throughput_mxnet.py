@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 import xdl
-from xdl.wrapper import prefetch_batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import din_mxnet as din  # noqa: E402
@@ -46,8 +45,9 @@ def run_steps(net: Any, trainer: Any, batches: list[dict[str, Any]],
             table.prefetch(b[key])
 
     start = time.perf_counter()
-    it: Any = prefetch_batches(batches, schedule) if prefetch else batches
-    for batch in it:
+    for batch in batches:
+        if prefetch:  # sent by MXNet's engine right after the previous step's push
+            schedule(batch)
         with autograd.record():
             loss = loss_fn(net(*din.inputs(batch)), batch["label"])
         loss.backward()
