@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import xdl
@@ -59,8 +60,15 @@ class Attention(nn.Module):
                 ) -> torch.Tensor:
         """:param hist: ``[B, L, D]``; :param target: ``[B, D]``; :param mask: ``[B, L]``
         (1 for real items). :returns: ``[B, D]``."""
-        t = target.unsqueeze(1).expand_as(hist)
-        w = self.mlp(torch.cat([hist, t, hist - t, hist * t], dim=-1)).squeeze(-1)
+        # the first layer on [h, t, h - t, h * t] is W_h h + W_t t + W_d (h - t) + W_p (h * t)
+        # = (W_h + W_d) h + W_p (h * t) + (W_t - W_d) t: the same weights and function,
+        # with the target's term computed once per sample instead of once per history slot
+        first, dim = self.mlp[0], hist.shape[-1]
+        w_h, w_t, w_d, w_p = first.weight.split(dim, dim=1)
+        slots = F.linear(torch.cat([hist, hist * target.unsqueeze(1)], dim=-1),
+                         torch.cat([w_h + w_d, w_p], dim=1))
+        z = slots + F.linear(target, w_t - w_d, first.bias).unsqueeze(1)
+        w = self.mlp[2](self.mlp[1](z)).squeeze(-1)
         w = w * mask
         return torch.bmm(w.unsqueeze(1), hist).squeeze(1)
 
