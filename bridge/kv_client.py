@@ -21,7 +21,7 @@ from .dedup import unique_inverse
 from .errors import InvalidArgumentError
 from .pushlog import PushLog
 from .routing import Routed, ShardRouter
-from .sharding import add_rows, all_finite, take_rows
+from .sharding import add_rows, all_finite, copy_finite, take_rows
 from .transport import Ticket, Transport
 
 
@@ -41,7 +41,7 @@ def as_ids(ids: Any, table: str) -> np.ndarray:
 
 def _merge_repeats(flat: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique ids of ``flat`` (a new array, first-occurrence order) and their summed
-    gradient rows (``g`` itself when nothing repeats)."""
+    gradient rows (``g`` itself when nothing repeats: not a private copy)."""
     uniq, inverse = unique_ids(flat)
     if inverse is None:
         return uniq, g
@@ -132,11 +132,14 @@ class KeyValueCalls:
         dim = self._dim(table)
         routed = self._router.split(uniq)
         answered = self._router.call(P.PULL, {"table": table}, [(routed, {})])
-        if inverse is not None and len(answered) == 1 and routed.order is None:
-            # one shard answered every id in our order: expand its rows directly
+        if len(answered) == 1 and routed.order is None:
+            # one shard answered every id in our order: the rows of its reply frame are
+            # the result (a writable array over the received message, referenced by
+            # nobody else: no copy), or are expanded from it directly
             got = answered[0][1][1].get("rows")
-            if got is not None and got.shape == (uniq.size, dim):
-                return take_rows(got, inverse)
+            if (got is not None and got.shape == (uniq.size, dim) and got.flags.writeable
+                    and got.flags.aligned):
+                return got if inverse is None else take_rows(got, inverse)
         rows = np.empty((uniq.size, dim), dtype=np.float32)
         self._router.scatter(answered, "rows", routed, rows, table)
         return rows if inverse is None else take_rows(rows, inverse)
@@ -152,8 +155,9 @@ class KeyValueCalls:
         :param unique: promise that ``ids`` has no repeats, skipping de-duplication.
         """
         flat = as_ids(ids, table)
-        g = self._checked_grads(table, flat.size, grads)
-        routed, sorted_g = self._route_push(flat, g, unique)
+        # finiteness is checked where the gradients are copied for the request
+        g = self._checked_grads(table, flat.size, grads, finite=False)
+        routed, sorted_g = self._route_push(flat, g, unique, table)
         t = self._transport
         t.raise_failed()
         t.throttle()
@@ -184,23 +188,40 @@ class KeyValueCalls:
             raise _not_finite(table)
         return g
 
-    def _route_push(self, flat: np.ndarray, g: np.ndarray, unique: bool
-                    ) -> tuple[Routed, np.ndarray]:
+    def _route_push(self, flat: np.ndarray, g: np.ndarray, unique: bool,
+                    check_table: str | None = None) -> tuple[Routed, np.ndarray]:
         """Unique ids and their gradients in shard order, both private to the request.
 
         The request is sent without copies, asynchronously, and kept for resends: it
         must not share memory with arrays the caller may change after we return.
+
+        :param check_table: check that ``g`` is finite (in the pass that copies it),
+            naming this table in the error; None: no check.
         """
         ids_private = g_private = False
         if not unique:
-            flat, g = _merge_repeats(flat, g)
-            ids_private = g_private = True  # fresh arrays (ids in first-occurrence order)
+            uniq, inverse = unique_ids(flat)
+            flat, ids_private = uniq, True  # a fresh array, first-occurrence order
+            if inverse is not None:
+                if check_table is not None and not all_finite(g):
+                    raise _not_finite(check_table)
+                summed = np.zeros((uniq.size, g.shape[1]), dtype=np.float32)
+                add_rows(summed, inverse, g)
+                g, g_private, check_table = summed, True, None
         routed = self._router.split(flat)
         if routed.order is not None:
+            if check_table is not None and not all_finite(g):
+                raise _not_finite(check_table)
             return routed, routed.in_shard_order(g)  # both fresh arrays
         if not ids_private:
             routed = Routed(flat.copy(), None, routed.bounds)
-        return routed, (g if g_private else np.array(g, dtype=np.float32, order="C"))
+        if g_private:
+            return routed, g
+        # the caller's gradients: copied (and checked in the same pass)
+        copied, finite = copy_finite(g)
+        if check_table is not None and not finite:
+            raise _not_finite(check_table)
+        return routed, copied
 
     # ------------------------------------------------------------ many tables at once
     def pull_many(self, requests: Mapping[str, Any], *, unique: bool = False

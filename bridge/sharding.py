@@ -31,6 +31,7 @@ __all__ = [
     "take_rows",
     "put_rows",
     "all_finite",
+    "copy_finite",
     "first_outside",
     "dense_shard",
     "splitmix64",
@@ -215,6 +216,21 @@ def _max_exponent(bits: np.ndarray) -> np.uint32:
     return m
 
 
+_EXPONENT = np.uint32(0x7F800000)
+
+
+@njit(cache=True)
+def _copy_bits(src: np.ndarray, out: np.ndarray) -> np.uint32:
+    # a copy of float32 bit patterns (uint32 views) that also returns the largest
+    # exponent field copied: the copy and the finiteness check in one pass
+    m = np.uint32(0)
+    for i in range(src.shape[0]):
+        v = src[i]
+        out[i] = v
+        m = max(m, v & _EXPONENT)
+    return m
+
+
 @njit(cache=True)
 def _first_outside(ids: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
     first = -1
@@ -370,6 +386,17 @@ def all_finite(a: np.ndarray) -> bool:
     """Whether every element of the float32 array ``a`` is finite (no NaN, no Inf)."""
     bits = np.ascontiguousarray(a, dtype=np.float32).reshape(-1).view(np.uint32)
     return bool(bits.size == 0 or _max_exponent(bits) != np.uint32(0x7F800000))
+
+
+def copy_finite(a: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(copy of a, finite)`` for a float32 array ``a``: a new C-contiguous array of its
+    shape, and whether every value is finite, in one pass."""
+    src = np.ascontiguousarray(a, dtype=np.float32)
+    out = np.empty(src.shape, dtype=np.float32)
+    if out.size == 0:
+        return out, True
+    m = _copy_bits(src.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint32))
+    return out, bool(m != _EXPONENT)
 
 
 def first_outside(ids: np.ndarray, lo: int, hi: int) -> tuple[int, int]:

@@ -271,11 +271,13 @@ def test_close_releases_every_socket(start_cluster: Callable[..., Client]) -> No
         client.pull("t", [1])
 
 
+@pytest.mark.parametrize("unique", [True, False])
 @pytest.mark.parametrize("n", [1, 2])
 def test_push_does_not_share_the_callers_arrays(start_cluster: Callable[..., Client],
-                                                 n: int) -> None:
+                                                 n: int, unique: bool) -> None:
     # pushes are asynchronous and kept for resends: changing the arrays after push()
-    # returns must not change what the shards apply
+    # returns must not change what the shards apply (with unique=False and no repeated
+    # ids too, where de-duplication hands back the caller's gradients unchanged)
     client = start_cluster(n)
     opt = xdl.optim.Adagrad(lr=0.1)
     client.create_table("emb", 4, optimizer=opt, seed=11)
@@ -284,13 +286,33 @@ def test_push_does_not_share_the_callers_arrays(start_cluster: Callable[..., Cli
     ids = rng.permutation(1000)[:200].astype(np.int64)
     grads = rng.standard_normal((200, 4)).astype(np.float32)
     want_ids, want_grads = ids.copy(), grads.copy()
-    ticket = client.push("emb", ids, grads, unique=True)
+    ticket = client.push("emb", ids, grads, unique=unique)
     ids[:] = 5000 + np.arange(200)
     grads[:] = np.nan
     client.wait(ticket)
     ref.push(want_ids, want_grads)
     np.testing.assert_array_equal(client.pull("emb", want_ids), ref.pull(want_ids))
     assert client.describe_table("emb")["rows"] == 200
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_pulled_rows_belong_to_the_caller(start_cluster: Callable[..., Client], n: int
+                                          ) -> None:
+    # a one-shard pull hands back the rows of the reply message itself (no copy): they
+    # must be writable, and writing them changes neither the table nor another pull
+    client = start_cluster(n)
+    client.create_table("emb", 8, initializer=xdl.init.Uniform(), seed=3)
+    ids = np.arange(5000, dtype=np.int64) * 7919
+    first = client.pull("emb", ids)
+    want = first.copy()
+    second = client.pull("emb", ids)
+    assert first.flags.writeable and second.flags.writeable
+    assert not np.shares_memory(first, second)
+    first[:] = -1.0
+    np.testing.assert_array_equal(second, want)
+    np.testing.assert_array_equal(client.pull("emb", ids), want)
+    np.testing.assert_array_equal(client.pull("emb", np.concatenate([ids, ids[:7]])),
+                                  np.concatenate([want, want[:7]]))
 
 
 def test_concurrent_workers_each_push_applied_once(start_cluster: Callable[..., Client]

@@ -224,6 +224,26 @@ def test_all_finite_and_touch_rows() -> None:
     assert freq.tolist() == [0, 2, 0, 0, 1, 0] and last.tolist() == [0, 5, 0, 0, 3, 0]
 
 
+def test_copy_finite_copies_bit_for_bit_and_checks_in_one_pass() -> None:
+    from xdl.sharding import copy_finite
+
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((300, 5)).astype(np.float32)
+    a[0, 0] = np.float32(3.4e38)
+    a[1, 1] = np.float32(-0.0)
+    a[2, 2] = np.float32(1e-45)  # subnormal
+    out, finite = copy_finite(a)
+    assert finite and out.shape == a.shape and not np.shares_memory(out, a)
+    assert out.view(np.uint32).tolist() == a.view(np.uint32).tolist()
+    out, finite = copy_finite(a[:, 1])  # not contiguous
+    assert finite and out.tolist() == a[:, 1].tolist()
+    for bad in (np.inf, -np.inf, np.nan):
+        b = a.copy()
+        b[299, 4] = bad
+        assert not copy_finite(b)[1]
+    assert copy_finite(np.zeros((0, 4), np.float32))[1]
+
+
 def test_sharding_kernels_match_numpy() -> None:
     from xdl import sharding
     from xdl.sharding import mix64
