@@ -10,12 +10,19 @@ Two pairs, each the same model and the same batches (``examples/din_tf.py``):
   model function with local ``tf.Variable`` tables and the same Adagrad, in one
   ``tf.function`` step;
 * ``keras`` (``--keras``): the Keras DIN swapped onto the shards and trained with
-  ``fit`` versus the unswapped model's ``fit``.
+  ``fit`` (its three ``Embedding`` lookups pulled with one ``pull_many`` per step, one
+  ``push_many`` after the optimizer's update; no prefetch: ``fit`` does not show the
+  next batch) versus the unswapped model's ``fit``.
 
 To be fair on a shared machine the server and local runs alternate in rounds of
 ``--batches`` steps and the median round of each is reported, with the ratio
-server / local (target: at least 0.9). The shards run on the same machine, so both runs
-get ``--threads`` TensorFlow threads (default: half the cores).
+server / local (target: at least 0.9), and the median of the per-round ratios (each
+server round against the local round right after it: the two see about the same load).
+The shards run on the same machine, so both runs get ``--threads`` TensorFlow threads
+(default: half the cores). Beside the rates, the CPU time per step of each run: this
+process (all its threads) and, for the server run, the shard processes (from ``/proc``),
+which depends much less on what else the machine runs than wall time does; and the load
+average when the pair was measured.
 """
 
 from __future__ import annotations
@@ -43,17 +50,49 @@ TARGET_RATIO = 0.9
 WARMUP = 5
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    """Wall seconds of ``fn()``."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's child processes (the local shards), read
+    from ``/proc`` (0.0 where there is none)."""
+    me, hz, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # fields from "state": ppid, ..., utime, stime
+            total += (int(fields[11]) + int(fields[12])) / hz
+    return total
+
+
+class Rounds:
+    """Wall and CPU seconds of each round of one run."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []  # this process, every thread
+        self.shards: list[float] = []  # the child processes
+
+    def timed(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn()`` as one round."""
+        shards, cpu = children_cpu(), time.process_time()
+        start = time.perf_counter()
+        fn()
+        self.wall.append(time.perf_counter() - start)
+        self.cpu.append(time.process_time() - cpu)
+        self.shards.append(children_cpu() - shards)
 
 
 def wrapper_rounds(client: Any, data: Any, batches: list[din.Batch], per_round: int,
                    rounds: int, sync_push: bool = True, use_prefetch: bool = True
-                   ) -> tuple[list[float], list[float]]:
-    """Seconds per round of the server and the local wrapper runner."""
+                   ) -> tuple[Rounds, Rounds]:
+    """Rounds of the server and the local wrapper runner."""
     server = din.server_runner(client, data, name="server", sync_push=sync_push)
     if not use_prefetch:
         server.prefetch = None
@@ -70,17 +109,17 @@ def wrapper_rounds(client: Any, data: Any, batches: list[din.Batch], per_round: 
 
     run(server, batches[:WARMUP])
     run(local, batches[:WARMUP])
-    server_s, local_s = [], []
+    server_s, local_s = Rounds(), Rounds()
     for r in range(rounds):
         chunk = batches[WARMUP + r * per_round:WARMUP + (r + 1) * per_round]
-        server_s.append(timed(functools.partial(run, server, chunk)))
-        local_s.append(timed(functools.partial(run, local, chunk)))
+        server_s.timed(functools.partial(run, server, chunk))
+        local_s.timed(functools.partial(run, local, chunk))
     return server_s, local_s
 
 
 def keras_rounds(client: Any, data: Any, rows: np.ndarray, batch_size: int, per_round: int,
-                 rounds: int, sync_push: bool = True) -> tuple[list[float], list[float]]:
-    """Seconds per round of ``fit`` on the swapped and on the local Keras DIN."""
+                 rounds: int, sync_push: bool = True) -> tuple[Rounds, Rounds]:
+    """Rounds of ``fit`` on the swapped and on the local Keras DIN."""
     keras = din.keras
     local = din.build_keras(data)
     server = xdl.swap(din.build_keras(data), client,
@@ -98,27 +137,39 @@ def keras_rounds(client: Any, data: Any, rows: np.ndarray, batch_size: int, per_
 
     fit(server, 0, WARMUP)
     fit(local, 0, WARMUP)
-    server_s, local_s = [], []
+    server_s, local_s = Rounds(), Rounds()
     for r in range(rounds):
         lo = WARMUP + r * per_round
-        server_s.append(timed(functools.partial(fit, server, lo, per_round)))
-        local_s.append(timed(functools.partial(fit, local, lo, per_round)))
+        server_s.timed(functools.partial(fit, server, lo, per_round))
+        local_s.timed(functools.partial(fit, local, lo, per_round))
     xdl.unswap(server)
     return server_s, local_s
 
 
-def report(name: str, batch_size: int, per_round: int, server_s: list[float],
-           local_s: list[float]) -> float:
-    """Print one pair's rates and return the ratio server / local."""
+def report(name: str, batch_size: int, per_round: int, server_s: Rounds,
+           local_s: Rounds) -> float:
+    """Print one pair's rates, CPU per step and load, and return the ratio server / local
+    (of the median rounds)."""
     samples = per_round * batch_size
-    s_rate = samples / statistics.median(server_s)
-    l_rate = samples / statistics.median(local_s)
+    s_rate = samples / statistics.median(server_s.wall)
+    l_rate = samples / statistics.median(local_s.wall)
     ratio = s_rate / l_rate
+    paired = statistics.median(lo / se for se, lo in zip(server_s.wall, local_s.wall,
+                                                          strict=True))
     print(f"  {name:<8} batch {batch_size:>5}: server {s_rate:9,.0f} samples/s  local "
           f"{l_rate:9,.0f} samples/s  ratio {ratio:.2f} "
-          f"({'met' if ratio >= TARGET_RATIO else 'NOT met'}, target >= {TARGET_RATIO})")
-    print(f"      rounds server: {', '.join(f'{samples / s:,.0f}' for s in server_s)}")
-    print(f"      rounds local:  {', '.join(f'{samples / s:,.0f}' for s in local_s)}")
+          f"({'met' if ratio >= TARGET_RATIO else 'NOT met'}, target >= {TARGET_RATIO}); "
+          f"median of the per-round ratios {paired:.2f}; load average "
+          f"{os.getloadavg()[0]:.1f}")
+
+    def ms(values: list[float]) -> float:
+        return 1e3 * statistics.median(values) / per_round
+
+    print(f"      CPU ms/step: server {ms(server_s.cpu):.2f} (this process) + "
+          f"{ms(server_s.shards):.2f} (shards), local {ms(local_s.cpu):.2f}; wall ms/step "
+          f"server {ms(server_s.wall):.2f}, local {ms(local_s.wall):.2f}")
+    print(f"      rounds server: {', '.join(f'{samples / s:,.0f}' for s in server_s.wall)}")
+    print(f"      rounds local:  {', '.join(f'{samples / s:,.0f}' for s in local_s.wall)}")
     return ratio
 
 
