@@ -200,10 +200,23 @@ class TorchEmbeddingAdapter(LayerAdapter):
             name = _attribute_path(model, holder)
             left.append(LeftReference(
                 f"{name} ({what})" if name else what, path,
-                "an embedding regularizer? its penalty now falls on weights nothing trains; "
-                "use the server optimizer's weight_decay instead (an L2 term l2 * sum(w**2) "
-                "is weight_decay = 2 * l2)"))
+                "an embedding regularizer? its penalty now falls on weights nothing trains "
+                "(they no longer require grad, so backward skips them); use the server "
+                "optimizer's weight_decay instead (an L2 term l2 * sum(w**2) is "
+                "weight_decay = 2 * l2)"))
+        if left and self._orphaned(model, weight):
+            # nothing trains it any more: a penalty on it (DeepCTR-torch's embedding L2
+            # over whole tables) would cost a full-table gradient every step for nothing
+            weight.requires_grad_(False)
         return left
+
+    def _orphaned(self, model: Any, weight: Any) -> bool:
+        """Whether only embedding layers (all swapped) hold ``weight`` in ``model``, no
+        other module (a tied output layer)."""
+        kinds = self.layer_types()
+        return all(isinstance(module, kinds)
+                   for module in model.modules()
+                   if any(p is weight for p in module.parameters(recurse=False)))
 
 
 def _attribute_path(model: Any, holder: Any) -> str | None:

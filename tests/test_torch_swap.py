@@ -505,3 +505,19 @@ def test_step_pull_takes_views_of_inputs_and_skips_a_smaller_last_batch() -> Non
         xdl.unswap(model, client)
     finally:
         client.close()
+
+
+def test_an_orphaned_weight_stops_requiring_grad_unless_another_layer_holds_it() -> None:
+    model = DeepCtrLike()
+    user_weight = model.embedding_dict["user"].weight
+    item_weight = model.embedding_dict["item"].weight
+    tied_out = nn.Linear(4, 40, bias=False)
+    tied_out.weight = item_weight  # an output layer tied to the item embedding
+    model.add_module("tied_out", tied_out)
+    regularized = [user_weight, item_weight]  # DeepCTR's embedding L2 list
+    with pytest.warns(RuntimeWarning, match="no longer require grad"):
+        model = xdl.swap(model, FakeClient())
+    assert not user_weight.requires_grad  # nothing trains it: no gradient computed
+    assert item_weight.requires_grad  # the tied Linear still trains it
+    penalty = sum((w ** 2).sum() for w in regularized)
+    assert isinstance(penalty, torch.Tensor) and penalty.requires_grad
