@@ -304,6 +304,65 @@ def test_legacy_tf_keras_in_a_subprocess(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "legacy ok" in proc.stdout, proc.stderr[-4000:]
 
 
+LEGACY_TOGETHER = textwrap.dedent("""
+    import os
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import numpy as np
+    import tensorflow as tf
+    keras = tf.keras
+    assert keras.__name__.startswith("tf_keras"), keras.__name__
+    import xdl
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 30, (64, 3)).astype(np.int32)
+    label = (rng.random((64, 1)) < 0.4).astype(np.float32)
+
+    def build():
+        tf.keras.utils.set_random_seed(5)
+        inp = keras.Input((3,), dtype="int32")
+        first = keras.layers.Embedding(30, 4, name="t1")(inp)
+        second = keras.layers.Embedding(30, 4, name="t2")(inp[:, ::-1])
+        third = keras.layers.Embedding(30, 4, name="t3")(
+            tf.cast(tf.argmax(first, -1), tf.int32))
+        x = keras.layers.Concatenate()([keras.layers.Flatten()(t)
+                                        for t in (first, second, third)])
+        return keras.Model(inp, keras.layers.Dense(1, "sigmoid")(x))
+
+    def fit(model):
+        model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy")
+        return model.fit(ids, label, batch_size=16, epochs=1, shuffle=False,
+                         verbose=0).history["loss"]
+
+    calls = {{"pull_many": 0, "push_many": 0}}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    local_losses = fit(build())
+    with xdl.connect(local_shards=1) as client:
+        model = xdl.swap(build(), client, optimizer=xdl.optim.SGD(lr=0.1), prefix="legacy.")
+        client.pull_many = counted("pull_many", client.pull_many)
+        client.push_many = counted("push_many", client.push_many)
+        np.testing.assert_allclose(fit(model), local_losses, rtol=0, atol=1e-5)
+        assert calls == {{"pull_many": 8, "push_many": 4}}, calls  # 4 steps
+        xdl.unswap(model)
+    print("legacy together ok")
+""")
+
+
+def test_legacy_tf_keras_pulls_a_steps_lookups_together() -> None:
+    """tf-keras (whose layer calls AutoGraph converts) gets the same one pull_many for the
+    lookups whose ids are known early, one push_many per step, and local training."""
+    pytest.importorskip("tf_keras")
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-c", LEGACY_TOGETHER.format()],
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert proc.returncode == 0 and "legacy together ok" in proc.stdout, proc.stderr[-4000:]
+
+
 def test_regularizer_is_named_and_constraint_refused() -> None:
     client = FakeClient()
     model = keras.Sequential([keras.Input((2,), dtype="int32"),
