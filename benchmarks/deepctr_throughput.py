@@ -73,12 +73,19 @@ class CountingClient:
         return attr
 
 
-def fit_seconds(model: Any, x: dict[str, np.ndarray], y: np.ndarray, batch_size: int) -> float:
-    """One epoch of the model's own ``fit`` (its prints swallowed); wall seconds."""
+def fit_seconds(model: Any, x: dict[str, np.ndarray], y: np.ndarray, batch_size: int,
+                cpu: list[float] | None = None) -> float:
+    """One epoch of the model's own ``fit`` (its prints swallowed); wall seconds. The
+    CPU seconds of the calling thread are appended to ``cpu`` when given (less
+    sensitive to the machine's load than wall time: what the training thread itself
+    spends, without the shard processes and without waiting)."""
     start = time.perf_counter()
+    start_cpu = time.thread_time()
     with contextlib.redirect_stdout(io.StringIO()):
         model.fit({k: v.copy() for k, v in x.items()}, y, batch_size=batch_size, epochs=1,
                   verbose=0, shuffle=False)
+    if cpu is not None:
+        cpu.append(time.thread_time() - start_cpu)
     return time.perf_counter() - start
 
 
@@ -137,9 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         counting.counts = dict.fromkeys(counting.counts, 0)
         server_s: list[float] = []
         local_s: list[float] = []
+        server_cpu: list[float] = []
+        local_cpu: list[float] = []
+        loads = [os.getloadavg()[0]]
         for _ in range(args.rounds):
-            server_s.append(fit_seconds(server, x, y, args.batch_size))
-            local_s.append(fit_seconds(local, x, y, args.batch_size))
+            server_s.append(fit_seconds(server, x, y, args.batch_size, server_cpu))
+            local_s.append(fit_seconds(local, x, y, args.batch_size, local_cpu))
+        loads.append(os.getloadavg()[0])
         counts = dict(counting.counts)
         if args.profile:
             import cProfile
@@ -164,11 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     ratio = s_rate / l_rate
     print(f"DeepCTR-torch DeepFM, Criteo head ({n:,} rows, {args.fields} categorical fields, "
           f"{tables} tables), batch {args.batch_size}, {args.rounds} rounds of one epoch, "
-          f"{args.threads} torch threads; load average {os.getloadavg()[0]:.1f}")
+          f"{args.threads} torch threads (both); load average {loads[0]:.1f} at the start, "
+          f"{loads[1]:.1f} at the end")
     print(f"  server ({args.shards} shards): {s_rate:10,.0f} samples/s  "
           f"(rounds: {', '.join(f'{n / s:,.0f}' for s in server_s)})")
     print(f"  local (DeepCTR fit):   {l_rate:10,.0f} samples/s  "
           f"(rounds: {', '.join(f'{n / s:,.0f}' for s in local_s)})")
+    steps_per_round = -(-n // args.batch_size)
+    print(f"  training thread CPU per step (median): server "
+          f"{statistics.median(server_cpu) / steps_per_round * 1e3:.2f} ms, local "
+          f"{statistics.median(local_cpu) / steps_per_round * 1e3:.2f} ms")
     print(f"  requests per step: pull_many {counts['pull_many'] / steps:.2f}, "
           f"push_many {counts['push_many'] / steps:.2f}, single-table pull "
           f"{counts['pull'] / steps:.2f}, push {counts['push'] / steps:.2f}")

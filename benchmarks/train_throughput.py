@@ -49,10 +49,14 @@ DEEPCTR_TARGET = 3.0
 
 
 def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
-              batches: list[din.Batch], prefetch: Any = None) -> float:
-    """Train on ``batches``; returns the wall seconds, pushes included."""
+              batches: list[din.Batch], prefetch: Any = None,
+              cpu: list[float] | None = None) -> float:
+    """Train on ``batches``; returns the wall seconds, pushes included. The CPU seconds
+    of the calling thread are appended to ``cpu`` when given (less sensitive to load
+    than wall time: the training thread's own work, without shards or waiting)."""
     loss_fn = nn.BCEWithLogitsLoss()
     start = time.perf_counter()
+    start_cpu = time.thread_time()
     it: Any = iter(batches)
     if prefetch is not None:
         it = prefetch(model, batches, ids_fn=din.model_prefetch_ids(model))
@@ -65,6 +69,8 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
             wait = getattr(module, "wait_pushes", None)
             if wait is not None:
                 wait()
+    if cpu is not None:
+        cpu.append(time.thread_time() - start_cpu)
     return time.perf_counter() - start
 
 
@@ -126,6 +132,9 @@ def measure(data: Any, args: argparse.Namespace, batch_size: int) -> bool:
     server_s: list[float] = []
     local_s: list[float] = []
     deepctr_s: list[float] = []
+    server_cpu: list[float] = []
+    local_cpu: list[float] = []
+    loads = [os.getloadavg()[0]]
     try:
         server = xdl.swap(din.build_model(data), client,
                           optimizer=xdl.optim.Adagrad.torch(lr=din.LR), initializer=din.INIT,
@@ -139,8 +148,8 @@ def measure(data: Any, args: argparse.Namespace, batch_size: int) -> bool:
             deepctr[1](rows[:5 * batch_size], batch_size)
         for r in range(args.rounds):
             chunk = rest[r * args.batches:(r + 1) * args.batches]
-            server_s.append(run_steps(server, server_opt, chunk, prefetch))
-            local_s.append(run_steps(local, local_opt, chunk))
+            server_s.append(run_steps(server, server_opt, chunk, prefetch, server_cpu))
+            local_s.append(run_steps(local, local_opt, chunk, cpu=local_cpu))
             if deepctr is not None:
                 lo = (5 + r * args.batches) * batch_size
                 deepctr_s.append(deepctr[1](rows[lo:lo + args.batches * batch_size],
@@ -150,18 +159,22 @@ def measure(data: Any, args: argparse.Namespace, batch_size: int) -> bool:
             din.close_distributed(server)
         client.close()
 
+    loads.append(os.getloadavg()[0])
     samples = args.batches * batch_size
     s_rate = samples / statistics.median(server_s)
     l_rate = samples / statistics.median(local_s)
     ratio = s_rate / l_rate
     print(f"DIN MovieLens-100k, batch {batch_size}, {args.rounds} rounds x "
-          f"{args.batches} steps, {args.threads} torch threads, "
+          f"{args.batches} steps, {args.threads} torch threads (every run), "
           f"prefetch on ({'one step stale' if args.stale_prefetch else 'exact'}); "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end")
     print(f"  server ({args.shards} shards): {s_rate:10,.0f} samples/s  "
           f"(rounds: {', '.join(f'{samples / s:,.0f}' for s in server_s)})")
     print(f"  local (sparse Adagrad):  {l_rate:10,.0f} samples/s  "
           f"(rounds: {', '.join(f'{samples / s:,.0f}' for s in local_s)})")
+    print(f"  training thread CPU per step (median): server "
+          f"{statistics.median(server_cpu) / args.batches * 1e3:.2f} ms, local "
+          f"{statistics.median(local_cpu) / args.batches * 1e3:.2f} ms")
     met = ratio >= TARGET_RATIO
     print(f"  ratio server/local: {ratio:.2f} (target >= {TARGET_RATIO}: "
           f"{'met' if met else 'NOT met'})")
