@@ -14,8 +14,10 @@ import numpy as np
 from numba import njit
 
 from .errors import InvalidArgumentError
+from .protocol import BUCKET_SHIFT
+from .sharding import splitmix64
 
-__all__ = ["unique_inverse"]
+__all__ = ["unique_inverse", "unique_by_shard"]
 
 _I64_MAX = np.iinfo(np.int64).max
 # Fibonacci hashing: the top bits of key * 2^64/phi. One multiply, and every key bit
@@ -84,3 +86,91 @@ def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # a slice of a small result would pin the full-size buffer: copy when much smaller
     unique = uniq[:nu].copy() if nu < n // 2 else uniq[:nu]
     return unique, inverse.reshape(a.shape)
+
+
+@njit(cache=True)
+def _unique_shards(ids: np.ndarray, num_shards: int, uniq: np.ndarray, inverse: np.ndarray,
+                   shard: np.ndarray, counts: np.ndarray) -> int:
+    # _unique_inverse that also routes each new id to its shard (bucket ranges as
+    # xdl.sharding.bucket_ranges: shard k owns [k*B//N, (k+1)*B//N), so the shard of
+    # bucket b is ((b + 1) * N - 1) // B) and counts the ids of each shard
+    n = ids.shape[0]
+    bits = 4
+    while (1 << bits) < 4 * n:
+        bits += 1
+    cap = 1 << bits
+    shift = np.uint64(64 - bits)
+    mask = np.uint64(cap - 1)
+    slots = np.zeros(cap, dtype=np.int32)
+    big_n = np.uint64(num_shards)
+    nu = 0
+    for i in range(n):
+        k = ids[i]
+        h = (np.uint64(k) * _GOLDEN) >> shift
+        while True:
+            p = slots[h]
+            if p == 0:
+                slots[h] = nu + 1
+                uniq[nu] = k
+                inverse[i] = nu
+                b = splitmix64(np.uint64(k)) >> np.uint64(BUCKET_SHIFT)
+                s = np.int64(((b + np.uint64(1)) * big_n - np.uint64(1)) >> np.uint64(16))
+                shard[nu] = s
+                counts[s] += 1
+                nu += 1
+                break
+            if uniq[p - 1] == k:
+                inverse[i] = p - 1
+                break
+            h = (h + np.uint64(1)) & mask
+    return nu
+
+
+@njit(cache=True)
+def _place_by_shard(uniq: np.ndarray, shard: np.ndarray, nu: int, counts: np.ndarray,
+                    sorted_ids: np.ndarray, order: np.ndarray) -> None:
+    # the counting sort's placement pass: stable within each shard
+    pos = np.empty(counts.shape[0], dtype=np.int64)
+    acc = 0
+    for s in range(counts.shape[0]):
+        pos[s] = acc
+        acc += counts[s]
+    for u in range(nu):
+        s = shard[u]
+        p = pos[s]
+        sorted_ids[p] = uniq[u]
+        order[p] = u
+        pos[s] = p + 1
+
+
+def unique_by_shard(ids: np.ndarray, num_shards: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """De-duplicate int64 ids and group the unique ones by shard, in two compiled passes.
+
+    What ``unique_inverse`` followed by ``xdl.sharding.split_by_shard`` of the unique ids
+    gives, without a third pass (and its arrays) in between: the de-duplicating pass
+    also computes each new id's shard and counts them, a second pass over the unique ids
+    places them.
+
+    :param ids: 1-D int64 ids (C-contiguous).
+    :param num_shards: shards of the cluster (>= 1).
+    :returns: ``(sorted_ids, order, counts, inverse)``: the unique ids grouped by shard
+        (shard 0's first, each shard's in order of first occurrence); for each of them its
+        index among the unique ids in order of first occurrence; ``int64 [num_shards]``
+        ids per shard; and each id's index among the unique ids in order of first
+        occurrence, or None when no id repeats.
+    """
+    flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    n = flat.shape[0]
+    if n >= 2**30:
+        raise InvalidArgumentError(f"ids: {n} ids in one call is more than the 2**30 the "
+                                   f"de-duplication accepts; split the batch")
+    uniq = np.empty(n, dtype=np.int64)
+    inverse = np.empty(n, dtype=np.int64)
+    shard = np.empty(n, dtype=np.int32)
+    counts = np.zeros(int(num_shards), dtype=np.int64)
+    nu = int(_unique_shards(flat, int(num_shards), uniq, inverse, shard, counts))
+    sorted_ids = np.empty(nu, dtype=np.int64)
+    order = np.empty(nu, dtype=np.int64)
+    _place_by_shard(uniq, shard, nu, counts, sorted_ids, order)
+    return sorted_ids, order, counts, (None if nu == n else inverse)

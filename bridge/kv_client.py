@@ -128,19 +128,22 @@ class KeyValueCalls:
         :param unique: promise that ``ids`` has no repeats, skipping de-duplication.
         """
         flat = as_ids(ids, table)
-        uniq, inverse = (flat, None) if unique else unique_ids(flat)
         dim = self._dim(table)
-        routed = self._router.split(uniq)
+        if unique:
+            routed, inverse = self._router.split(flat), None
+        else:
+            routed, inverse = self._router.split_unique(flat)
         answered = self._router.call(P.PULL, {"table": table}, [(routed, {})])
+        nu = routed.ids.size
         if len(answered) == 1 and routed.order is None:
             # one shard answered every id in our order: the rows of its reply frame are
             # the result (a writable array over the received message, referenced by
             # nobody else: no copy), or are expanded from it directly
             got = answered[0][1][1].get("rows")
-            if (got is not None and got.shape == (uniq.size, dim) and got.flags.writeable
+            if (got is not None and got.shape == (nu, dim) and got.flags.writeable
                     and got.flags.aligned):
                 return got if inverse is None else take_rows(got, inverse)
-        rows = np.empty((uniq.size, dim), dtype=np.float32)
+        rows = np.empty((nu, dim), dtype=np.float32)
         self._router.scatter(answered, "rows", routed, rows, table)
         return rows if inverse is None else take_rows(rows, inverse)
 
@@ -199,22 +202,24 @@ class KeyValueCalls:
             naming this table in the error; None: no check.
         """
         ids_private = g_private = False
-        if not unique:
-            uniq, inverse = unique_ids(flat)
-            flat, ids_private = uniq, True  # a fresh array, first-occurrence order
+        if unique:
+            routed = self._router.split(flat)
+        else:
+            # private ids; the order refers to the unique ids' first-occurrence order
+            routed, inverse = self._router.split_unique(flat)
+            ids_private = True
             if inverse is not None:
                 if check_table is not None and not all_finite(g):
                     raise _not_finite(check_table)
-                summed = np.zeros((uniq.size, g.shape[1]), dtype=np.float32)
+                summed = np.zeros((routed.ids.size, g.shape[1]), dtype=np.float32)
                 add_rows(summed, inverse, g)
                 g, g_private, check_table = summed, True, None
-        routed = self._router.split(flat)
         if routed.order is not None:
             if check_table is not None and not all_finite(g):
                 raise _not_finite(check_table)
             return routed, routed.in_shard_order(g)  # both fresh arrays
         if not ids_private:
-            routed = Routed(flat.copy(), None, routed.bounds)
+            routed = Routed(routed.ids.copy(), None, routed.bounds)
         if g_private:
             return routed, g
         # the caller's gradients: copied (and checked in the same pass)

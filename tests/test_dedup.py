@@ -81,3 +81,28 @@ def test_refuses_non_int64_values() -> None:
         unique_inverse(np.array([1.0, 2.0]))
     with pytest.raises(InvalidArgumentError, match="integer"):
         unique_inverse(np.array([True, False]))
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 7])
+def test_unique_by_shard_is_unique_then_split_by_shard(num_shards: int) -> None:
+    from xdl.dedup import unique_by_shard
+    from xdl.sharding import shard_of_bucket, split_by_shard
+
+    rng = np.random.default_rng(num_shards)
+    cases = [np.empty(0, np.int64), np.array([5], np.int64),
+             rng.integers(0, 40, 300),  # many repeats
+             rng.integers(-(2**63), 2**63 - 1, 5000, dtype=np.int64),  # none
+             np.array([np.iinfo(np.int64).min, 0, -1, np.iinfo(np.int64).max, 0, -1])]
+    for ids in cases:
+        uniq, inverse = unique_inverse(ids)
+        order, sorted_ids, counts = split_by_shard(uniq, shard_of_bucket(num_shards),
+                                                   num_shards)
+        got_ids, got_order, got_counts, got_inverse = unique_by_shard(ids, num_shards)
+        np.testing.assert_array_equal(got_ids, sorted_ids)
+        np.testing.assert_array_equal(got_order, order)
+        np.testing.assert_array_equal(got_counts, counts)
+        if uniq.size == ids.size:
+            assert got_inverse is None
+        else:
+            assert got_inverse is not None
+            np.testing.assert_array_equal(got_inverse, inverse)
