@@ -429,12 +429,19 @@ class StepPull:
     its training loop changes. On the first forward it learns how each distributed
     module's ids derive from the model's inputs: the input itself, a view of it, or
     columns of a 2-D input cast to integers (DeepCTR-torch's ``X[:, a:b].long()``). From
-    then on it takes those ids from each forward's inputs and pulls them at once, in the
-    calling thread (:func:`xdl.lookup.pull_now`; exact: it waits for the previous
-    step's pushes); each lookup whose ids equal a pulled set takes its rows and plan.
-    A lookup whose ids it could not derive, or that turn out different, pulls as
-    before; a prefetch no lookup consumed is dropped at the next forward. It stands
-    aside while the user's own prefetch (:func:`prefetch`) feeds the tables.
+    then on it takes those ids from each forward's inputs, checks and de-duplicates them
+    all in one compiled pass (:func:`xdl.lookup.plan_many`) and pulls them at once, in
+    the calling thread (:func:`xdl.lookup.pull_now`), sent right behind the previous
+    step's pushes on the same sockets: a shard applies one client's requests in order,
+    so the rows are exact without waiting for those pushes' acknowledgements. Every
+    pulled lookup's output comes from **one** autograd node
+    (``TorchBackend.differentiable_lookups``), whose backward hands the row gradients
+    of all tables to the gradient buffer at once (one push per step). Each lookup whose
+    ids equal a pulled set takes its output, unless a push of its table came since the
+    pull (it then pulls again). A lookup whose ids it could not derive, or that turn out
+    different, pulls as before; a prefetch no lookup consumed is dropped at the next
+    forward. It stands aside while the user's own prefetch (:func:`prefetch`) feeds the
+    tables.
     """
 
     _ATTR = "_xdl_step_pull"
