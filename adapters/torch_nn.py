@@ -294,14 +294,16 @@ def prefetch(model: nn.Module, batches: Iterable[T],
     batch is not prefetched (it pulls as usual); ``ids_fn(batch)`` may instead return
     ``(module, ids)`` pairs explicitly.
 
-    Exactness: rows for batch t+1 are pulled while batch t computes, usually before
-    batch t's push. With ``exact=True`` (default) the rows batch t's push touched are
-    re-pulled right after that push, in the background (only the ids both batches
-    share; see :meth:`DistributedEmbedding.prefetch`), so training with prefetch
-    equals training without it, which matches local training step for step. With
-    ``exact=False`` nothing is re-pulled: a prefetched step is at most one step stale
-    for the ids it shares with the previous batch (others are exact), for a little
-    more speed.
+    Exactness: with ``exact=True`` (default) batch t+1's rows are pulled right behind
+    batch t's push, in the background, with one ``pull_many`` for every table (a shard
+    applies the push first; see :func:`xdl.lookup.prefetch_many`), while batch t's
+    optimizer step and the loop run; a single-table prefetch is pulled at once and
+    the rows batch t's push touched are re-pulled after it (see
+    :meth:`DistributedEmbedding.prefetch`). Either way training with prefetch equals
+    training without it, which matches local training step for step. With
+    ``exact=False`` rows are pulled at once and never again: a prefetched step is at
+    most one step stale for the ids it shares with the previous batch (others are
+    exact).
     """
     mods = _modules()
     if ids_fn is not None:

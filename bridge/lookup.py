@@ -748,7 +748,11 @@ def prefetch_many(requests: Sequence[tuple[RemoteTable, Any]], *, exact: bool = 
     twice is pulled once), instead of one round trip per table; each lookup then finds
     its rows as after :meth:`RemoteTable.prefetch`. With ``exact=True`` (default) the
     rows are exact as there: each table's push mark is taken before the pull, and every
-    later push of the table re-pulls the prefetched rows it touched. A client without
+    later push of the table re-pulls the prefetched rows it touched. When some of the
+    tables have prefetched lookups still to come (a training loop prefetching batch t+1
+    before batch t runs), the pull waits for the push of those tables and is sent right
+    behind it instead (a shard applies it after the push), so nothing is re-pulled; a
+    lookup that comes before that push sends the pull itself. A client without
     ``pull_many``, or a single lookup, goes through :meth:`RemoteTable.prefetch`.
 
     :param plans: the requests' ids already checked and de-duplicated
