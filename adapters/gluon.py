@@ -164,8 +164,9 @@ def block_class() -> Any:
                 self._key = _backend().register_host(self)
                 # hand-overs queued on MXNet's engine by the net's hook, not yet run
                 self.in_flight: list[threading.Event] = []
-                # rows pulled by the engine for coming lookups: (ids, plan, mark, rows)
-                self._ready: list[tuple[np.ndarray, LookupPlan, int | None, np.ndarray]] = []
+                # rows of coming lookups, pulled by the first that needs them:
+                # (ids, plan, the step's DeferredPull, position in it)
+                self._ready: list[tuple[np.ndarray, LookupPlan, DeferredPull, int]] = []
                 self._ready_lock = threading.Lock()
                 self.register_forward_pre_hook(lambda block, args: block.before_step())
 
@@ -231,11 +232,12 @@ def block_class() -> Any:
                 else:
                     self.remote.prefetch(ids, exact=exact)
 
-            def ready(self, ids: np.ndarray, plan: LookupPlan, mark: int | None,
-                      rows: np.ndarray) -> None:
-                """Keep rows pulled for a coming lookup of ``ids`` (at push ``mark``)."""
+            def ready(self, ids: np.ndarray, plan: LookupPlan, source: DeferredPull,
+                      pos: int) -> None:
+                """Take the rows of a coming lookup of ``ids`` from ``source`` (its
+                lookup ``pos``) when it runs."""
                 with self._ready_lock:
-                    self._ready.append((ids, plan, mark, rows))
+                    self._ready.append((ids, plan, source, pos))
                     del self._ready[:-_MAX_READY]
 
             def _take_ready(self, ids: np.ndarray) -> tuple[LookupPlan, np.ndarray] | None:
@@ -246,7 +248,8 @@ def block_class() -> Any:
                                   and np.array_equal(entry[0], ids)), None)
                     if found is None:
                         return None
-                    _, plan, mark, rows = self._ready.pop(found)
+                    _, plan, source, pos = self._ready.pop(found)
+                mark, rows = source.rows(pos)
                 return plan, self.remote.exact_rows(plan.unique_ids, mark, rows)
 
             # -- forward ---------------------------------------------------------------
@@ -444,16 +447,32 @@ def _flush(layers: list[Any]) -> None:
         remote.buffer.flush(remote.client)
 
 
+class DeferredPull:
+    """The rows of a step's deferred lookups ``(layer, ids, plan)``: pulled together,
+    once, by the first of those lookups that runs, with one ``pull_many`` per client
+    (:func:`xdl.lookup.pull_now`, sent right behind the pushes already sent: a shard
+    applies a client's requests in order)."""
+
+    def __init__(self, deferred: list[tuple[Any, np.ndarray, LookupPlan]]) -> None:
+        self._lookups = [(layer.remote, plan.unique_ids) for layer, _, plan in deferred]
+        self._lock = threading.Lock()
+        self._rows: list[tuple[int | None, np.ndarray]] | None = None
+        for pos, (layer, ids, plan) in enumerate(deferred):
+            layer.ready(ids, plan, self, pos)
+
+    def rows(self, pos: int) -> tuple[int | None, np.ndarray]:
+        """``(push mark, rows)`` of lookup ``pos``, pulling them all the first time."""
+        with self._lock:
+            if self._rows is None:
+                self._rows = pull_now(self._lookups, wait=False)
+            return self._rows[pos]
+
+
 def pull_ready(deferred: list[tuple[Any, np.ndarray, LookupPlan]]) -> None:
-    """Pull the rows of deferred lookups ``(layer, ids, plan)`` now, one ``pull_many``
-    per client sent right behind the pushes already sent, and hand them to the layers
-    (:meth:`DistributedEmbedding.ready`)."""
-    if not deferred:
-        return
-    got = pull_now([(layer.remote, plan.unique_ids) for layer, _, plan in deferred],
-                   wait=False)
-    for (layer, ids, plan), (mark, rows) in zip(deferred, got, strict=True):
-        layer.ready(ids, plan, mark, rows)
+    """Hand the deferred lookups ``(layer, ids, plan)`` their rows, to be pulled together
+    by the first of them that runs (:class:`DeferredPull`)."""
+    if deferred:
+        DeferredPull(deferred)
 
 
 class EngineStep:
@@ -467,11 +486,11 @@ class EngineStep:
     anchor gradient (so it runs after the backward that writes them) and writes every
     anchor (so the next step's lookup operators, which read their anchor, run after
     it). The callback hands over the held gradients with the scale read when it was
-    queued, as the blocking path does, pushes them in one ``push_many``, and then pulls
-    the rows of the exact prefetches the blocks deferred to it (:meth:`defer`) in one
-    ``pull_many`` sent right behind the push (:func:`xdl.lookup.pull_now` with
-    ``wait=False``: a shard applies a client's requests in order, so the pull sees the
-    push); a lookup operator finds its rows ready, checked against the push mark
+    queued, as the blocking path does, and pushes them in one ``push_many``. The exact
+    prefetches the blocks deferred to it (:meth:`defer`) are pulled after that push, in
+    one ``pull_many``, by the first of the next step's lookup operators that runs
+    (:class:`DeferredPull`; the engine's worker meanwhile goes on with the dense
+    updates); each lookup checks its rows against the push mark
     (:meth:`xdl.lookup.RemoteTable.exact_rows`). Python goes on dispatching the next
     step while the engine computes this one, as it does in local training.
 
