@@ -256,3 +256,25 @@ def test_prefetch_pulls_every_table_of_a_batch_in_one_call(
     assert len(calls) == len(batches) - 1
     assert all(c == ["many.inner.emb", "many.other"] for c in calls)
     xdl.unswap(model, client)
+
+
+def test_exact_prefetch_is_pulled_behind_the_push_not_re_pulled(
+        client: xdl.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(SEED)
+    local = TwoTables()
+    torch.manual_seed(SEED)
+    model = xdl.swap(TwoTables(), client, optimizer=xdl.optim.SGD(lr=LR), prefix="behind.")
+    singles: list[str] = []
+    original = client.pull
+    monkeypatch.setattr(client, "pull",
+                        lambda table, ids, **kw: singles.append(table) or original(
+                            table, ids, **kw))
+    batches = make_batches()[:8]
+    expected = train(local, batches)
+    losses = train(model, torch_nn.prefetch(model, batches))
+    np.testing.assert_allclose(losses, expected, rtol=0, atol=TOL)  # exact
+    # only the first batch's three lookups pull one table at a time (the routes are
+    # learned on it); every later batch's rows come with one pull_many sent right
+    # behind the previous push, so no row that push touched is pulled again
+    assert len(singles) <= 3
+    xdl.unswap(model, client)
