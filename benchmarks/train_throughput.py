@@ -100,12 +100,15 @@ def deepctr_din(data: Any) -> tuple[Any, Any] | None:
               "item_genres": train["item_genres"].astype(np.int64),
               "hist_item_id": train["hist_items"], "seq_length": train["hist_len"]}
 
-    def fit(rows: np.ndarray, batch_size: int) -> float:
+    def fit(rows: np.ndarray, batch_size: int, cpu: list[float] | None = None) -> float:
         x = {k: v[rows] for k, v in inputs.items()}
         start = time.perf_counter()
+        start_cpu = time.thread_time()
         with contextlib.redirect_stdout(io.StringIO()):
             model.fit(x, train["label"][rows], batch_size=batch_size, epochs=1, verbose=0,
                       shuffle=False)
+        if cpu is not None:
+            cpu.append(time.thread_time() - start_cpu)
         return time.perf_counter() - start
 
     return model, fit
@@ -134,6 +137,7 @@ def measure(data: Any, args: argparse.Namespace, batch_size: int) -> bool:
     deepctr_s: list[float] = []
     server_cpu: list[float] = []
     local_cpu: list[float] = []
+    deepctr_cpu: list[float] = []
     loads = [os.getloadavg()[0]]
     try:
         server = xdl.swap(din.build_model(data), client,
@@ -153,7 +157,7 @@ def measure(data: Any, args: argparse.Namespace, batch_size: int) -> bool:
             if deepctr is not None:
                 lo = (5 + r * args.batches) * batch_size
                 deepctr_s.append(deepctr[1](rows[lo:lo + args.batches * batch_size],
-                                            batch_size))
+                                            batch_size, deepctr_cpu))
     finally:
         if server is not None:
             din.close_distributed(server)
@@ -182,7 +186,9 @@ def measure(data: Any, args: argparse.Namespace, batch_size: int) -> bool:
         d_rate = samples / statistics.median(deepctr_s)
         d_ratio = s_rate / d_rate
         print(f"  DeepCTR-torch DIN (local, its fit): {d_rate:10,.0f} samples/s  "
-              f"(rounds: {', '.join(f'{samples / s:,.0f}' for s in deepctr_s)})")
+              f"(rounds: {', '.join(f'{samples / s:,.0f}' for s in deepctr_s)}); "
+              f"training thread CPU per step "
+              f"{statistics.median(deepctr_cpu) / args.batches * 1e3:.2f} ms")
         d_met = d_ratio >= DEEPCTR_TARGET
         print(f"  ratio server/DeepCTR-torch: {d_ratio:.2f} (target >= {DEEPCTR_TARGET}: "
               f"{'met' if d_met else 'NOT met'})")
