@@ -234,8 +234,11 @@ class _GraphLookups:
                                  name="xdl_pull_rows")
         planned = inverse.op
         above = _ancestors(planned)
+        # a stateful op the ids depend on, made after a pull, runs after it (automatic
+        # control dependencies keep program order): that pull cannot wait for this plan
+        latest = max((a._id for a in above if _stateful(a)), default=-1)
         for op in self._pulls:
-            if op not in above and not any(a._id > op._id and _stateful(a) for a in above):
+            if op._id > latest and op not in above:
                 op._add_control_input(planned)
         self._pulls.append(rows.op)
         self._remotes.append(remote)
