@@ -56,19 +56,28 @@ class Attention(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, hist: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, hist: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                distinct: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """:param hist: ``[B, L, D]``; :param target: ``[B, D]``; :param mask: ``[B, L]``
-        (1 for real items). :returns: ``[B, D]``."""
+        (1 for real items); :param distinct: optionally ``(rows [U, D], index [B, L])``
+        with ``rows[index] == hist`` (the batch's distinct items), which saves work.
+        :returns: ``[B, D]``."""
         # the first layer on [h, t, h - t, h * t] is W_h h + W_t t + W_d (h - t) + W_p (h * t)
         # = (W_h + W_d) h + W_p (h * t) + (W_t - W_d) t: the same weights and function,
-        # with the target's term computed once per sample instead of once per history slot
-        first, dim = self.mlp[0], hist.shape[-1]
-        w_h, w_t, w_d, w_p = first.weight.split(dim, dim=1)
-        slots = F.linear(torch.cat([hist, hist * target.unsqueeze(1)], dim=-1),
-                         torch.cat([w_h + w_d, w_p], dim=1))
+        # with the target's term computed once per sample instead of once per history
+        # slot, and the history's own term once per distinct item when they are given
+        first, act, last = self.mlp[0], self.mlp[1], self.mlp[2]
+        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+        w_h, w_t, w_d, w_p = first.weight.split(hist.shape[-1], dim=1)
+        if distinct is None:
+            slots = F.linear(torch.cat([hist, hist * target.unsqueeze(1)], dim=-1),
+                             torch.cat([w_h + w_d, w_p], dim=1))
+        else:
+            rows, index = distinct
+            slots = (F.linear(rows, w_h + w_d)[index]
+                     + F.linear(hist * target.unsqueeze(1), w_p))
         z = slots + F.linear(target, w_t - w_d, first.bias).unsqueeze(1)
-        w = self.mlp[2](self.mlp[1](z)).squeeze(-1)
+        w = last(act(z)).squeeze(-1)
         w = w * mask
         return torch.bmm(w.unsqueeze(1), hist).squeeze(1)
 
@@ -151,10 +160,11 @@ class DIN(nn.Module):
         # each distinct item of the batch is embedded once (one lookup per table, few
         # rows), then gathered back to the target slot 0 and the history slots
         uniq, uniq_genres, inverse = self._distinct(item, item_genres, hist_items, hist_genres)
-        both = self.embed_items(uniq, uniq_genres)[inverse]
+        rows = self.embed_items(uniq, uniq_genres)
+        both = rows[inverse]
         target, hist = both[:, 0], both[:, 1:]
         mask = (hist_items > 0).to(hist.dtype)
-        pooled = self.attention(hist, target, mask)
+        pooled = self.attention(hist, target, mask, (rows, inverse[:, 1:]))
         x = torch.cat([self.user_emb(user), target, pooled], dim=-1)
         return self.mlp(x).squeeze(-1)
 
