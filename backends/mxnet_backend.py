@@ -349,6 +349,9 @@ def _run_callback(_rctx: Any, key: Any) -> None:
 #: ``void (*EngineSyncFunc)(void* rctx, void* param)``, made once and kept for good
 _ENGINE_SYNC_FUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(_run_callback)
 _CPU = _CContext(1, 0)
+#: ``FnProperty::kNoSkip``: the callback runs even after an operator it waits for
+#: failed (the engine skips other dependants then), so nobody waiting for it hangs
+_NO_SKIP = ctypes.c_int(7)
 
 
 def run_on_engine(reads: Sequence[Any], writes: Sequence[Any],
@@ -366,8 +369,9 @@ def run_on_engine(reads: Sequence[Any], writes: Sequence[Any],
 
     :param reads: NDArrays to wait for (not changed).
     :param writes: NDArrays later operators must wait for (not changed either).
-    :param callback: runs once; it must not wait for MXNet (it runs inside the
-        engine) and should catch its own errors (an escaping one is only printed).
+    :param callback: runs once, also when an operator it waits for failed; it must not
+        wait for MXNet (it runs inside the engine) and should catch its own errors (an
+        escaping one is only printed).
     """
     global _engine_push
     mx = _mx()
@@ -384,7 +388,7 @@ def run_on_engine(reads: Sequence[Any], writes: Sequence[Any],
         mx.base.check_call(_engine_push(
             _ENGINE_SYNC_FUNC, ctypes.c_void_p(key), None, ctypes.byref(_CPU),
             const, ctypes.c_int(len(reads)), mutable, ctypes.c_int(len(writes)),
-            None, ctypes.c_int(0), ctypes.c_char_p(CALLBACK_NAME)))
+            ctypes.byref(_NO_SKIP), ctypes.c_int(0), ctypes.c_char_p(CALLBACK_NAME)))
     except BaseException:
         _callbacks.pop(key, None)
         raise

@@ -3,19 +3,27 @@ versus locally, measured in the same run, at batch 256 and 1024.
 
 The model is ``examples/din_mxnet.py``'s hybridized Gluon DIN. The server run swaps its
 three ``gluon.nn.Embedding`` tables onto local shards (``xdl.swap``, server-side
-Adagrad) and pulls the next batch's rows while the current batch computes
-(``block.prefetch``, exact by default); the baseline is the same net with
-``sparse_grad=True`` embeddings. Both train with ``gluon.Trainer`` Adagrad on the same
-batches. To be fair on a shared machine the two alternate in rounds of ``--batches``
-steps; the median round of each is reported with the ratio server / local (target: at
-least 0.9). The shards run on the same machine as the worker, so numbers move with
-the machine's load: run it on a quiet machine and read the ratio, not the absolute
-samples/s.
+Adagrad); before each forward it names the batch's ids (``block.prefetch``, exact), so
+the rows of all three tables are pulled in one ``pull_many`` right behind the previous
+step's push, on MXNet's engine, while Python goes on dispatching (docs/mxnet.md). The
+baseline is the same net with ``sparse_grad=True`` embeddings. Both train with
+``gluon.Trainer`` Adagrad on the same batches, in one process with the same MXNet
+settings (engine and thread counts as MXNet's defaults or the environment set them).
+To be fair on a shared machine the two alternate in rounds of ``--batches`` steps; the
+median round of each is reported with the ratio server / local (target: at least
+0.9), next to the load average. The shards run on the same machine as the worker, so
+numbers move with the machine's load: run it on a quiet machine and read the ratio,
+not the absolute samples/s. ``--profile N`` then profiles one more server round:
+cProfile of the Python thread (N functions) and MXNet's profiler (the lookup
+operators' Python time, the engine's waits).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import os
+import pstats
 import statistics
 import sys
 import time
@@ -60,13 +68,34 @@ def run_steps(net: Any, trainer: Any, batches: list[dict[str, Any]],
     return time.perf_counter() - start
 
 
+def profile_round(net: Any, trainer: Any, batches: list[dict[str, Any]], prefetch: bool,
+                  top: int) -> None:
+    """Print where one server round spends its time: cProfile of this (the Python)
+    thread, then MXNet's aggregate profile of the custom operators and engine waits."""
+    from mxnet import profiler
+
+    profiler.set_config(profile_all=True, aggregate_stats=True,
+                        filename=os.devnull)
+    prof = cProfile.Profile()
+    profiler.set_state("run")
+    prof.enable()
+    seconds = run_steps(net, trainer, batches, prefetch)
+    prof.disable()
+    profiler.set_state("stop")
+    print(f"profiled server round: {len(batches)} steps in {seconds:.2f} s")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    keep = ("Name", "xdl_", "WaitForVar", "MXNDArraySync", "MXNDArrayWaitAll")
+    print("\n".join(line for line in profiler.dumps(reset=True).splitlines()
+                    if line.lstrip().startswith(keep)))
+
+
 def measure(data: Any, batch_size: int, batches: int, rounds: int, shards: int,
-            prefetch: bool) -> tuple[float, float]:
+            prefetch: bool, profile: int = 0) -> tuple[float, float]:
     """Median samples/s of (server, local) over ``rounds`` alternating rounds."""
     n = len(data.train["label"])
     rng = np.random.default_rng(0)
     plan = [din.to_batch(data.train, rng.integers(0, n, batch_size))
-            for _ in range(batches * rounds)]
+            for _ in range(batches * (rounds + (1 if profile else 0)))]
     local = din.build_model(data, sparse_grad=True)
     local_trainer = din.trainer_for(local)
     server = din.build_model(data)
@@ -85,6 +114,8 @@ def measure(data: Any, batch_size: int, batches: int, rounds: int, shards: int,
                                   / run_steps(local, local_trainer, part, False))
             rates["server"].append(batch_size * len(part)
                                    / run_steps(server, server_trainer, part, prefetch))
+        if profile:
+            profile_round(server, server_trainer, plan[rounds * batches:], prefetch, profile)
         xdl.unswap(server)
     return statistics.median(rates["server"]), statistics.median(rates["local"])
 
@@ -99,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-prefetch", action="store_true",
                     help="pull each batch's rows in its own forward")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the rounds, profile one server round (N functions)")
     ap.add_argument("--strict", action="store_true",
                     help=f"exit 1 when a ratio is below {TARGET_RATIO}")
     args = ap.parse_args(argv)
@@ -109,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
           f"alternating rounds of {args.batches} steps")
     for batch_size in args.batch_sizes:
         server, local = measure(data, batch_size, args.batches, args.rounds, args.shards,
-                                not args.no_prefetch)
+                                not args.no_prefetch, args.profile)
         ratio = server / local
         print(f"batch {batch_size:>5}: server {server:>9,.0f} samples/s   local "
-              f"{local:>9,.0f} samples/s   ratio {ratio:.3f} (target >= {TARGET_RATIO})")
+              f"{local:>9,.0f} samples/s   ratio {ratio:.3f} (target >= {TARGET_RATIO})"
+              f"   load average {os.getloadavg()[0]:.2f}")
         status |= ratio < TARGET_RATIO
     return int(status) if args.strict else 0
 

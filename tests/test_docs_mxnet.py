@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "mxnet.md"
 
 def test_mxnet_doc_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     code = re.findall(r"^```python\n(.*?)^```", DOC.read_text(), re.DOTALL | re.MULTILINE)
-    assert len(code) == 5  # a block that stops being ```python is not silently skipped
+    assert len(code) == 6  # a block that stops being ```python is not silently skipped
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "docs.mxnet"}
     try:
