@@ -100,7 +100,7 @@ def test_run_on_engine_runs_after_a_failed_operator(mx: Any) -> None:
         mx.nd.waitall()
 
 
-def make_net(mx: Any, sparse_grad: bool, prefix: str) -> Any:
+def make_net(mx: Any, sparse_grad: bool, prefix: str, static_alloc: bool = True) -> Any:
     """Embedding (bags of BAG ids, summed) → Dense(1), hybridized."""
     from mxnet import gluon
 
@@ -119,7 +119,7 @@ def make_net(mx: Any, sparse_grad: bool, prefix: str) -> Any:
     net.initialize(ctx=mx.cpu())
     net.emb.weight.set_data(mx.nd.array(
         xdl.init.generate(INIT, SEED, np.arange(VOCAB, dtype=np.int64), DIM)))
-    net.hybridize(static_alloc=True)
+    net.hybridize(static_alloc=static_alloc)
     return net
 
 
@@ -163,13 +163,16 @@ def weights(net: Any) -> dict[str, np.ndarray]:
             for name, p in net.collect_params().items() if not name.endswith("anchor")}
 
 
+@pytest.mark.parametrize("static_alloc", [True, False], ids=["static_alloc", "dynamic"])
 @pytest.mark.parametrize("prefetch", ["none", "just before", "one ahead"])
-def test_python_running_ahead_trains_as_locally(mx: Any, client: Any, prefetch: str) -> None:
+def test_python_running_ahead_trains_as_locally(mx: Any, client: Any, prefetch: str,
+                                                static_alloc: bool) -> None:
     data = batches(mx)
     local = make_net(mx, sparse_grad=True, prefix="ahead_local_")
     local_losses = [float(x.asscalar()) for x in train(mx, local, data, "none")]
-    tag = f"ahead_{prefetch.replace(' ', '_')}_"
-    net = xdl.swap(make_net(mx, sparse_grad=False, prefix=tag), client,
+    tag = f"ahead_{prefetch.replace(' ', '_')}_{int(static_alloc)}_"
+    net = xdl.swap(make_net(mx, sparse_grad=False, prefix=tag, static_alloc=static_alloc),
+                   client,
                    optimizer=xdl.optim.Adagrad.mxnet(lr=LR), initializer=INIT, seed=SEED,
                    prefix=tag)
     losses = [float(x.asscalar()) for x in train(mx, net, data, prefetch)]
