@@ -66,8 +66,13 @@ def _unconverted(method: Callable[..., Any]) -> Callable[..., Any]:
     AutoGraph's ``converted_call`` at every step (measured: most of a callback's time).
     TensorFlow is imported on the first call, not here."""
 
+    plain: Callable[..., Any] | None = None
+
     def run(*args: Any, **kwargs: Any) -> Any:
-        return _tf().autograph.experimental.do_not_convert(method)(*args, **kwargs)
+        nonlocal plain
+        if plain is None:
+            plain = _tf().autograph.experimental.do_not_convert(method)
+        return plain(*args, **kwargs)
 
     # no functools.wraps: AutoGraph must not find ``method`` through ``__wrapped__``
     run.__name__ = method.__name__
