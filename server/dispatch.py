@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import zmq
+
 from xdl import codec
 from xdl import protocol as P
 from xdl.errors import (
@@ -40,6 +42,8 @@ MAX_FRAMES = 3 + P.MAX_ARRAYS
 
 def frame_size(frame: Any) -> int:
     """Bytes in one frame (``zmq.Frame``, bytes or memoryview)."""
+    if type(frame) is zmq.Frame or type(frame) is bytes:
+        return len(frame)  # no memoryview (a Frame's .buffer builds one per call)
     buf = getattr(frame, "buffer", frame)
     return memoryview(buf).nbytes
 

@@ -44,6 +44,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import zmq
+
 from xdl import codec
 from xdl.errors import CheckpointError, DiskFullError, InvalidArgumentError
 
@@ -66,6 +68,10 @@ Buffer = Any  # bytes, memoryview or zmq.Frame
 
 def bytes_of(frame: Buffer) -> memoryview:
     """A byte view of one frame (``zmq.Frame``, bytes or memoryview), without a copy."""
+    if type(frame) is bytes or type(frame) is zmq.Frame:
+        # both export flat unsigned bytes (a Frame's .buffer builds a memoryview per call)
+        flat: Any = frame
+        return memoryview(flat)
     buf: Any = getattr(frame, "buffer", frame)
     return memoryview(buf).cast("B")
 
