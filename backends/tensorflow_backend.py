@@ -184,7 +184,7 @@ class _GraphLookups:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pulls: list[Any] = []  # the graph's xdl_pull_rows ops (while tracing)
-        self._remotes: list[RemoteTable] = []  # per slot
+        self._remotes: list[RemoteTable] = []  # the table of each lookup (slot)
         self._graded: set[int] = set()  # slots whose gradient callback was traced
         self._owed: set[int] = set()  # slots pulled whose gradient has not come yet
         self._planned: dict[int, tuple[RemoteTable, np.ndarray]] = {}
@@ -220,7 +220,9 @@ class _GraphLookups:
         """The ops of one lookup of ``ids``: ``(rows with the padding row, inverse,
         unique ids)`` tensors and the lookup's slot."""
         tf = _tf()
-        slot = len(self._pulls)
+        with self._lock:  # replicas of a distribution strategy may trace at once
+            slot = len(self._remotes)
+            self._remotes.append(remote)
 
         def plan(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             p = remote.plan(raw)
@@ -242,11 +244,12 @@ class _GraphLookups:
         # a stateful op the ids depend on, made after a pull, runs after it (automatic
         # control dependencies keep program order): that pull cannot wait for this plan
         latest = max((a._id for a in above if _stateful(a)), default=-1)
-        for op in self._pulls:
-            if op._id > latest and op not in above:
+        with self._lock:
+            earlier = list(self._pulls)
+            self._pulls.append(rows.op)
+        for op in earlier:
+            if op._id > latest and op not in above and op.graph is planned.graph:
                 op._add_control_input(planned)
-        self._pulls.append(rows.op)
-        self._remotes.append(remote)
         return rows, inverse, unique, slot
 
     def _rows(self, slot: int, remote: RemoteTable, unique: np.ndarray) -> np.ndarray:
