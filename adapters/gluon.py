@@ -29,12 +29,16 @@ How it meets Gluon (see docs/mxnet.md):
   the anchor, the replaced weight or the net's other parameters), 1 when there is
   none. Set
   ``block.grad_scale`` to a number to fix the factor instead.
+* **No wait in a hybridized net.** There the hook does not block Python until the
+  backward is done: it queues the boundary in MXNet's engine order (:class:`EngineStep`)
+  and the next step's first lookup operator hands over and pushes.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -162,8 +166,6 @@ def block_class() -> Any:
                                               init=mx.init.Zero(), allow_deferred_init=False)
                 self.anchor.initialize(ctx=mx.cpu())
                 self._key = _backend().register_host(self)
-                # hand-overs queued on MXNet's engine by the net's hook, not yet run
-                self.in_flight: list[threading.Event] = []
                 # rows of coming lookups, pulled by the first that needs them:
                 # (ids, plan, the step's DeferredPull, position in it)
                 self._ready: list[tuple[np.ndarray, LookupPlan, DeferredPull, int]] = []
@@ -192,15 +194,16 @@ def block_class() -> Any:
                 return 1.0 if found is None else found
 
             def before_step(self) -> None:
-                """Wait for the previous backward (MXNet runs it asynchronously) and for
-                the hand-overs queued on the engine, then hand the row gradients still
-                held, scaled, to the table's gradient buffer."""
+                """Wait for the previous backward (MXNet runs it asynchronously) and
+                settle the net's queued step boundaries (:class:`EngineStep`), then hand
+                the row gradients still held, scaled, to the table's gradient buffer."""
                 if self.anchor.grad_req != "null":
                     for grad in self.anchor.list_grad():
                         grad.wait_to_read()
                 _backend().wait_backward()
-                for event in list(self.in_flight):
-                    event.wait()
+                step = self._step()
+                if step is not None:
+                    step.settle(wait=True)
                 if len(self.held):
                     self.held.hand_over(self.scale())
 
@@ -226,11 +229,16 @@ def block_class() -> Any:
                 """
                 ids = _backend().ids_to_numpy(ids)
                 net = self._net() if self._net is not None else None
-                step = _hooks_step.get(net) if net is not None else None
+                step = self._step()
                 if exact and step is not None and getattr(net, "_active", False):
                     step.defer(self, ids, self.remote.plan(ids))
                 else:
                     self.remote.prefetch(ids, exact=exact)
+
+            def _step(self) -> EngineStep | None:
+                """The step boundary of the net this block was swapped in (if any)."""
+                net = self._net() if self._net is not None else None
+                return None if net is None else _hooks_step.get(net)
 
             def ready(self, ids: np.ndarray, plan: LookupPlan, source: DeferredPull,
                       pos: int) -> None:
@@ -266,6 +274,9 @@ def block_class() -> Any:
             def host_forward(self, ids: np.ndarray) -> tuple[np.ndarray, LookupPlan]:
                 """Output and plan of the lookup of ``ids`` (rows the engine pulled for
                 them when there are, see :meth:`prefetch`)."""
+                step = self._step()
+                if step is not None:
+                    step.settle()
                 found = self._take_ready(ids)
                 plan, rows = found if found is not None else self.remote.lookup(ids)
                 return place_numpy(rows, plan, self._output_dim), plan
@@ -275,6 +286,9 @@ def block_class() -> Any:
                 """Distinct rows of the lookup of ``ids`` (a zero row appended for
                 padding ids), the index of each id's row, and the plan: the operator
                 gathers the output in MXNet."""
+                step = self._step()
+                if step is not None:  # the boundary queued before this step's forward
+                    step.settle()
                 found = self._take_ready(ids)
                 plan, rows = found if found is not None else self.remote.lookup(ids)
                 if plan.has_padding:
@@ -475,40 +489,57 @@ def pull_ready(deferred: list[tuple[Any, np.ndarray, LookupPlan]]) -> None:
         DeferredPull(deferred)
 
 
+class _Boundary:
+    """One queued step boundary: what to hand over, with which scales, what to pull."""
+
+    __slots__ = ("deferred", "flag", "flag_nd", "layers", "scales")
+
+    def __init__(self, layers: list[Any], scales: list[float],
+                 deferred: list[tuple[Any, np.ndarray, LookupPlan]], flag: np.ndarray,
+                 flag_nd: Any) -> None:
+        self.layers = layers
+        self.scales = scales
+        self.deferred = deferred
+        self.flag = flag
+        self.flag_nd = flag_nd
+
+    @property
+    def reached(self) -> bool:
+        """Whether the backward it waits for is done (the engine set the flag)."""
+        return bool(self.flag[0] == 1.0)
+
+
 class EngineStep:
     """A hybridized net's step boundary, kept in MXNet's engine order.
 
     Before each forward of the net, the previous step's row gradients must be handed
     over (scaled by the Trainer's ``rescale_grad``) and pushed before the lookups pull.
     A hybridized net's lookups are custom operators that MXNet runs on its own threads,
-    so the wait for the backward need not block Python: :meth:`queue` issues one
-    engine callback (:func:`xdl.backends.mxnet_backend.run_on_engine`) that reads every
-    anchor gradient (so it runs after the backward that writes them) and writes every
-    anchor (so the next step's lookup operators, which read their anchor, run after
-    it). The callback hands over the held gradients with the scale read when it was
-    queued, as the blocking path does, and pushes them in one ``push_many``. The exact
-    prefetches the blocks deferred to it (:meth:`defer`) are pulled after that push, in
-    one ``pull_many``, by the first of the next step's lookup operators that runs
-    (:class:`DeferredPull`; the engine's worker meanwhile goes on with the dense
-    updates); each lookup checks its rows against the push mark
-    (:meth:`xdl.lookup.RemoteTable.exact_rows`). Python goes on dispatching the next
-    step while the engine computes this one, as it does in local training.
+    so the wait for the backward need not block Python. :meth:`queue` (the net's
+    forward pre-hook) records a boundary (the scales read now, the prefetches deferred
+    so far) and issues a few MXNet operators (:func:`~xdl.backends.mxnet_backend.
+    engine_flag`) that set the boundary's flag after every anchor gradient is written
+    (after the backward) and then write the anchors, which the next step's lookup
+    operators read: they run after the flag is set. The first of them settles the
+    boundary (:meth:`settle`): hands over the held gradients with the boundary's
+    scales, pushes them in one ``push_many``, and leaves the deferred prefetches to be
+    pulled in one ``pull_many`` right behind that push (:class:`DeferredPull`). No
+    Python runs on the engine's worker, and Python goes on dispatching the next step
+    while the engine computes this one, as it does in local training.
 
-    :ivar lead: queued hand-overs that may wait unrun; :meth:`queue` waits for older
-        ones (this bounds how far Python runs ahead, and so how many exact prefetches
-        are pending and re-pulled after each push).
+    :ivar lead: boundaries whose backward is not done that may be queued; :meth:`queue`
+        waits for older ones (this bounds how far Python runs ahead).
     """
 
     lead = 2
 
     def __init__(self) -> None:
-        self._events: list[threading.Event] = []
-        self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._pending: deque[_Boundary] = deque()
         self._deferred: list[tuple[Any, np.ndarray, LookupPlan]] = []
 
     def defer(self, layer: Any, ids: np.ndarray, plan: LookupPlan) -> None:
-        """Have the next hand-over pull the rows of ``layer``'s coming lookup of ``ids``
+        """Have the next boundary pull the rows of ``layer``'s coming lookup of ``ids``
         (``plan``: their plan), right after its push."""
         with self._lock:
             self._deferred.append((layer, ids, plan))
@@ -520,44 +551,38 @@ class EngineStep:
         return deferred
 
     def queue(self, layers: list[Any]) -> None:
-        """Queue the hand-over and push of ``layers``' held gradients on MXNet's engine,
-        followed by the prefetches deferred so far."""
-        self.raise_error()
+        """Queue the boundary before a forward of the net; waits while more than
+        :attr:`lead` earlier boundaries wait for their backward."""
         deferred = self.take_deferred()
         scales = [layer.scale() for layer in layers]
         grads = [g for layer in layers if layer.anchor.grad_req != "null"
                  for g in layer.anchor.list_grad()]
         anchors = [a for layer in layers for a in layer.anchor.list_data()]
-        done = threading.Event()
+        flag, flag_nd = _backend().engine_flag(grads, anchors)
+        with self._lock:
+            self._pending.append(_Boundary(layers, scales, deferred, flag, flag_nd))
+            waiting = [b for b in self._pending if not b.reached]
+        for boundary in waiting[:max(0, len(waiting) - self.lead)]:
+            boundary.flag_nd.wait_to_read()  # raises what a failed operator raised
 
-        def hand_over() -> None:
-            try:
-                for layer, scale in zip(layers, scales, strict=True):
-                    layer.held.hand_over(scale)
-                _flush(layers)
-                pull_ready(deferred)
-            except BaseException as exc:  # raised in Python by the next queue()
-                self._error = exc
-            finally:
-                done.set()
-                for layer in layers:
-                    if done in layer.in_flight:
-                        layer.in_flight.remove(done)
-
-        for layer in layers:
-            layer.in_flight.append(done)
-        self._events = [e for e in self._events if not e.is_set()]
-        self._events.append(done)
-        _backend().run_on_engine(grads, anchors, hand_over)
-        while len(self._events) > self.lead:
-            self._events.pop(0).wait()
-        self.raise_error()
-
-    def raise_error(self) -> None:
-        """Raise what a queued hand-over raised (once)."""
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
+    def settle(self, wait: bool = False) -> None:
+        """Hand over and push for the queued boundaries whose backward is done, oldest
+        first (a lookup operator calls it); ``wait``: for all of them, waiting."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                boundary = self._pending[0]
+                if boundary.reached:
+                    self._pending.popleft()
+                    for layer, scale in zip(boundary.layers, boundary.scales, strict=True):
+                        layer.held.hand_over(scale)
+                    _flush(boundary.layers)
+                    pull_ready(boundary.deferred)
+                    continue
+            if not wait:
+                return
+            boundary.flag_nd.wait_to_read()  # not holding the lock: lookups settle too
 
 
 def _install_hook(model: Any, distributed: list[Any]) -> None:
@@ -578,9 +603,8 @@ def _install_hook(model: Any, distributed: list[Any]) -> None:
         if getattr(block, "_active", False):  # the cached graph runs the lookups
             step.queue(layers)
             return
-        step.raise_error()
         for layer in layers:
-            layer.before_step()
+            layer.before_step()  # settles the queued boundaries first
         _flush(layers)
         pull_ready(step.take_deferred())
 

@@ -23,7 +23,6 @@ has run once the gradient of the op's ``anchor`` input is readable (see
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import importlib.util
 import itertools
@@ -322,76 +321,39 @@ def host_lookup(F: Any, key: str, ids: Any, anchor: Any, *extra: Any) -> Any:  #
     return F.Custom(ids, *extra, anchor, op_type=HOST_OP, key=key, num_extra=str(len(extra)))
 
 
-# ------------------------------------------------------------- engine callback
-
-#: the name an engine callback carries in MXNet's profiler.
-CALLBACK_NAME = b"xdl_engine_callback"
-_callbacks: dict[int, Callable[[], None]] = {}
-_callback_keys = itertools.count(1)
-_engine_push: Any = None
+# ------------------------------------------------------------- engine-ordered flag
 
 
-class _CContext(ctypes.Structure):
-    """MXNet's ``Context`` as the C API takes it (``dev_type``: 1 is the CPU)."""
+def engine_flag(reads: Sequence[Any], writes: Sequence[Any]) -> tuple[np.ndarray, Any]:
+    """A flag set in MXNet's engine order, without blocking the caller and without
+    running Python on the engine: returns ``(flag, flag_nd)``, a float32 numpy ``[1]``
+    array and an NDArray sharing its memory.
 
-    _fields_ = (("dev_type", ctypes.c_int), ("dev_id", ctypes.c_int32))
+    Operators issued here set ``flag[0]`` to 1 once every write to ``reads`` issued so
+    far is done, and then zero ``writes``; an operator issued later that reads one of
+    ``writes`` therefore runs after the flag is set, and can read ``flag`` directly (no
+    wait, from any thread). ``flag_nd.wait_to_read()`` waits for the flag, and raises
+    the error of a failed operator it waited for.
 
+    This is how a hybridized net's step boundary stays in MXNet's order: ``reads`` are
+    the anchor gradients (written by the backward), ``writes`` the anchors (read by the
+    next step's lookup operators, which then find the flag set).
 
-def _run_callback(_rctx: Any, key: Any) -> None:
-    callback = _callbacks.pop(int(key or 0), None)
-    if callback is not None:
-        try:
-            callback()
-        except BaseException:  # noqa: BLE001 - nothing may unwind into the engine
-            sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
-
-
-#: ``void (*EngineSyncFunc)(void* rctx, void* param)``, made once and kept for good
-_ENGINE_SYNC_FUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(_run_callback)
-_CPU = _CContext(1, 0)
-#: ``FnProperty::kNoSkip``: the callback runs even after an operator it waits for
-#: failed (the engine skips other dependants then), so nobody waiting for it hangs
-_NO_SKIP = ctypes.c_int(7)
-
-
-def run_on_engine(reads: Sequence[Any], writes: Sequence[Any],
-                  callback: Callable[[], None]) -> None:
-    """Call ``callback()`` on an MXNet engine thread once every write to ``reads``
-    issued so far is done, and before any use of ``writes`` issued from now on (it
-    holds them as written); the caller does not wait.
-
-    This is how a step boundary stays in MXNet's order without blocking Python: a
-    lookup operator of the next step that reads one of ``writes`` runs after
-    ``callback``, which runs after the backward pass that writes ``reads``
-    (gradients). It is MXNet's ``MXEnginePushSyncND``, the C API's way to push a
-    function with its read and write dependencies; the function runs on a CPU worker
-    of the engine, holding the GIL.
-
-    :param reads: NDArrays to wait for (not changed).
-    :param writes: NDArrays later operators must wait for (not changed either).
-    :param callback: runs once, also when an operator it waits for failed; it must not
-        wait for MXNet (it runs inside the engine) and should catch its own errors (an
-        escaping one is only printed).
+    :param reads: float32 ``[1]`` NDArrays (gradients) to wait for; not changed.
+    :param writes: float32 ``[1]`` NDArrays that are zero (anchors), written as zero.
     """
-    global _engine_push
     mx = _mx()
-    if _engine_push is None:
-        push = mx.base._LIB.MXEnginePushSyncND
-        push.restype = ctypes.c_int
-        _engine_push = push
-    handles = mx.base.NDArrayHandle
-    key = next(_callback_keys)
-    _callbacks[key] = callback
-    const = (handles * len(reads))(*[a.handle for a in reads])
-    mutable = (handles * len(writes))(*[a.handle for a in writes])
-    try:
-        mx.base.check_call(_engine_push(
-            _ENGINE_SYNC_FUNC, ctypes.c_void_p(key), None, ctypes.byref(_CPU),
-            const, ctypes.c_int(len(reads)), mutable, ctypes.c_int(len(writes)),
-            ctypes.byref(_NO_SKIP), ctypes.c_int(0), ctypes.c_char_p(CALLBACK_NAME)))
-    except BaseException:
-        _callbacks.pop(key, None)
-        raise
+    flag = np.zeros(1, dtype=np.float32)
+    flag_nd = mx.nd.from_numpy(flag, zero_copy=True)
+    with mx.autograd.pause():  # writes may be Parameters with gradients attached
+        if reads:
+            after = reads[0] if len(reads) == 1 else mx.nd.add_n(*reads)
+            mx.nd.ones_like(after, out=flag_nd)
+        else:
+            mx.nd.ones((1,), out=flag_nd)
+        for array in writes:
+            mx.nd.zeros_like(flag_nd, out=array)
+    return flag, flag_nd
 
 
 def wait_backward(anchor_grads: Sequence[Any]) -> None:
@@ -474,11 +436,11 @@ class MXNetBackend(Backend):
             pending, self._pending = self._pending, []
         wait_backward(pending)
 
-    def run_on_engine(self, reads: Sequence[Any], writes: Sequence[Any],
-                      callback: Callable[[], None]) -> None:
-        """:func:`run_on_engine`: ``callback`` in MXNet's order, after ``reads`` are
-        written and before ``writes`` are read, without blocking the caller."""
-        run_on_engine(reads, writes, callback)
+    def engine_flag(self, reads: Sequence[Any], writes: Sequence[Any]
+                    ) -> tuple[np.ndarray, Any]:
+        """:func:`engine_flag`: a flag MXNet's engine sets after ``reads`` are written,
+        before ``writes`` are read."""
+        return engine_flag(reads, writes)
 
     def register_host(self, host: HostLookup) -> str:
         """:func:`register_host`: the key an ``xdl_host_lookup`` operator names ``host`` by."""

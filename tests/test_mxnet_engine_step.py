@@ -1,7 +1,7 @@
 """A hybridized swapped Gluon net keeps its step boundary on MXNet's engine.
 
-``run_on_engine`` runs a callback after the writes to its inputs and before later reads
-of its outputs, without blocking the caller, and also after a failed operator. A
+``engine_flag`` sets a flag after the writes to its inputs and before later reads of
+its outputs, without blocking the caller, and reports a failed operator. A
 swapped hybridized net's forward does not wait for the previous backward, and training
 with Python running ahead (no read of the loss between steps, prefetch just before the
 forward or one batch ahead, batch sizes that change the Trainer's scale) matches local
@@ -73,31 +73,30 @@ def client() -> Iterator[Any]:
         yield client
 
 
-def test_run_on_engine_keeps_mxnet_order_without_waiting(mx: Any) -> None:
+def test_engine_flag_keeps_mxnet_order_without_waiting(mx: Any) -> None:
     backend = xdl.get_backend("mxnet")
-    held, gate = gated(mx, mx.nd.ones((2,)), "order")
+    held, gate = gated(mx, mx.nd.ones((1,)), "order")
     target = mx.nd.zeros((1,))
-    calls: list[str] = []
     start = time.perf_counter()
-    backend.run_on_engine([held], [target], lambda: calls.append("callback"))
-    assert time.perf_counter() - start < 1.0 and calls == []  # queued, not run
-    later = target + 1  # issued now: must run after the callback
+    flag, flag_nd = backend.engine_flag([held], [target])
+    assert time.perf_counter() - start < 1.0 and flag[0] == 0.0  # issued, not run
+    later = target + 1  # issued now: runs after the flag is set
     time.sleep(0.2)
-    assert calls == []  # still waiting for the gated write
+    assert flag[0] == 0.0  # still waiting for the gated write
     gate.set()
     later.wait_to_read()
-    assert calls == ["callback"]
-    assert float(later.asscalar()) == 1.0  # the writes are left as they were
+    assert flag[0] == 1.0
+    assert float(later.asscalar()) == 1.0  # the zero target is left zero
 
 
-def test_run_on_engine_runs_after_a_failed_operator(mx: Any) -> None:
+def test_engine_flag_reports_a_failed_operator(mx: Any) -> None:
     backend = xdl.get_backend("mxnet")
-    done = threading.Event()
-    bad = mx.nd.Custom(mx.nd.ones((2,)), op_type=GATE_OP, gate="missing")  # raises
-    backend.run_on_engine([bad], [mx.nd.zeros((1,))], done.set)
-    assert done.wait(10)
+    bad = mx.nd.Custom(mx.nd.ones((1,)), op_type=GATE_OP, gate="missing")  # raises
+    flag, flag_nd = backend.engine_flag([bad], [mx.nd.zeros((1,))])
     with pytest.raises(mx.base.MXNetError):
-        mx.nd.waitall()
+        flag_nd.wait_to_read()  # an error, not a hang
+    assert flag[0] == 0.0
+    mx.nd.waitall()
 
 
 def make_net(mx: Any, sparse_grad: bool, prefix: str, static_alloc: bool = True) -> Any:
