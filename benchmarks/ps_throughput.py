@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -179,14 +180,15 @@ class Echo:
     def call(self, parts: list[tuple[np.ndarray, list[np.ndarray]]]) -> None:
         """Send each shard its (reply size, frames) and wait for every reply."""
         for s, (size, frames) in zip(self.socks, parts, strict=True):
-            s.send_multipart([size, *frames], copy=False)
+            msg: list[Any] = [size, *frames]
+            s.send_multipart(msg, copy=False)
         for s in self.socks:
             s.recv_multipart(copy=False)
 
     def close(self) -> None:
         """Stop the echo processes."""
         for s in self.socks:
-            s.send_multipart([np.array([-1], np.int64)])
+            s.send_multipart([np.array([-1], np.int64).tobytes()])
             s.close(0)
         for p in self.procs:
             p.wait(10)
@@ -387,6 +389,7 @@ def measure_row(client: xdl.Client, peer: PsLite | None, echo: Echo, bare: BareS
     # servers and worker): a figure the other helpers' load moves much less than rows/s
     xpids = [p for p in descendants(os.getpid()) if p not in echo.pids()
              and (peer is None or p not in peer.pids)]
+    res.add((*key, "pull", "load"), os.getloadavg()[0])
     c0 = _cpu_seconds(xpids)
     x, calls = rate_calls(lambda i: client.pull(table, bs[i % BATCHES]), n, min_time)
     res.add((*key, "pull", "xdl_cpu_ms"), (_cpu_seconds(xpids) - c0) / calls * 1e3)
@@ -395,6 +398,7 @@ def measure_row(client: xdl.Client, peer: PsLite | None, echo: Echo, bare: BareS
     res.record((*key, "pull"), x, comp, rt)
     if peer:
         peer.measure(res, (*key, "pull"), n, d, min_time)
+    res.add((*key, "push", "load"), os.getloadavg()[0])
     c0 = _cpu_seconds(xpids)
     x, calls = rate_calls(lambda i: client.wait(client.push(table, bs[i % BATCHES], g)), n,
                           min_time)
@@ -450,7 +454,8 @@ def report(res: Results, with_peer: bool) -> None:
             f"{'ceiling':>7} {'(comp+rt ms)':>13} {'ratio':>5} | ")
     if with_peer:
         head += (f"{'ps-lite':>7} {'ratio':>5} {'target':>6} | "
-                 f"{'CPU ms/req xdl':>14} {'ps-lite':>7} {'ratio':>5}")
+                 f"{'CPU ms/req xdl':>14} {'ps-lite':>7} {'ratio':>5} | ")
+    head += "load"
     print(head)
     print("-" * len(head))
     misses = 0
@@ -479,7 +484,10 @@ def report(res: Results, with_peer: bool) -> None:
                         xc = res.median((*key, "xdl_cpu_ms"))
                         pc = res.median((*key, "pslite_cpu_ms"))
                         if xc and pc:
-                            line += f"{xc:>14.2f} {pc:>7.2f} {pc / xc:>5.2f}"
+                            line += f"{xc:>14.2f} {pc:>7.2f} {pc / xc:>5.2f} | "
+                    load = res.median((*key, "load"))
+                    if load is not None:
+                        line += f"{load:>4.1f}"
                     print(line)
     print(f"* = below target (ceiling ratio >= {TARGET_CEILING}"
           f"{', ps-lite ratio >= target' if with_peer else ''}); {misses} miss(es)")
@@ -487,6 +495,9 @@ def report(res: Results, with_peer: bool) -> None:
         print("CPU ms/req: user+system CPU of every process of each system (xdl: client and "
               "shards; ps-lite: scheduler, servers, worker) per request; ratio = ps-lite / "
               "xdl (> 1: xdl does the request with less CPU)")
+    print(f"load: the machine's 1-minute load average when the row's xdl measurement began "
+          f"(median over rounds; {os.cpu_count()} CPUs): other processes' load moves the "
+          "rows/s, the CPU figures much less")
 
 
 def _shard_peak_rss() -> int | None:
