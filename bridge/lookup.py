@@ -413,6 +413,10 @@ class _Deferred:
             if self.fired:
                 return
             self.fired = True
+        for remote in {id(r): r for r in self.remotes}.values():  # no push will fire it now
+            with remote._prefetch_lock:
+                if self in remote._deferred:
+                    remote._deferred.remove(self)
         if now:
             _pull_group(self.remotes, self.uniques, self.futures, self.exact, wait=self.wait)
             return

@@ -278,3 +278,20 @@ def test_exact_prefetch_is_pulled_behind_the_push_not_re_pulled(
     # behind the previous push, so no row that push touched is pulled again
     assert len(singles) <= 3
     xdl.unswap(model, client)
+
+
+def test_prefetch_without_pushes_pulls_at_the_lookup_and_keeps_nothing(
+        client: xdl.Client) -> None:
+    torch.manual_seed(SEED)
+    model = xdl.swap(TwoTables(), client, optimizer=xdl.optim.SGD(lr=LR), prefix="eval.")
+    batches = make_batches()[:6]
+    with torch.no_grad():  # no backward, no push: each coming batch's pull waits in vain
+        plain = [model(b["a"], b["b"]) for b in batches]
+        fetched = [model(b["a"], b["b"]) for b in torch_nn.prefetch(model, batches)]
+    for a, b in zip(plain, fetched, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for module in model.modules():
+        remote = getattr(module, "remote", None)
+        if remote is not None:
+            assert remote._deferred == []  # fired at the lookup, not left waiting
+    xdl.unswap(model, client)
