@@ -84,7 +84,8 @@ def profile_round(net: Any, trainer: Any, batches: list[dict[str, Any]], prefetc
     profiler.set_state("stop")
     print(f"profiled server round: {len(batches)} steps in {seconds:.2f} s")
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
-    keep = ("Name", "xdl_", "WaitForVar", "MXNDArraySync", "MXNDArrayWaitAll")
+    keep = ("Name", "xdl_", "_backward_xdl_", "WaitForVar", "MXNDArraySync",
+            "MXNDArrayWaitAll")
     print("\n".join(line for line in profiler.dumps(reset=True).splitlines()
                     if line.lstrip().startswith(keep)))
 
