@@ -222,10 +222,11 @@ def block_class() -> Any:
                 """Pull the rows of a coming batch's ``ids`` in the background
                 (:meth:`xdl.lookup.RemoteTable.prefetch`).
 
-                In a hybridized swapped net an exact prefetch is sent by MXNet's engine
-                right after the push of the step before the net's next forward, in one
-                ``pull_many`` with the other tables' (see :class:`EngineStep`): call it
-                just before that forward and its rows need no re-pull.
+                In a hybridized swapped net an exact prefetch is pulled right behind
+                the push that precedes the net's next forward, in one ``pull_many``
+                with the other tables', by the first lookup operator that runs (see
+                :class:`EngineStep`): call it just before that forward and its rows
+                need no re-pull.
                 """
                 ids = _backend().ids_to_numpy(ids)
                 net = self._net() if self._net is not None else None
