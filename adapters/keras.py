@@ -23,9 +23,12 @@ switched off for it (host callbacks cannot be compiled).
 weights) and ``fit`` / ``evaluate`` / ``predict`` are unchanged; nothing overrides
 ``train_step`` or wraps the optimizer. A layer called several times per step gets one
 push of the summed gradient, sent right after the optimizer's update (the anchor's
-constraint, which Keras applies then). :func:`server_optimizer` translates a Keras
-optimizer to the server-side spec with that Keras' semantics (Keras 3's Adagrad has
-epsilon inside the square root, tf-keras' outside).
+constraint, which Keras applies then), with the other tables' in one ``push_many``;
+inside ``fit`` the step's lookups are pulled together, with one ``pull_many`` (see
+:meth:`xdl.backends.tensorflow_backend.TensorFlowBackend.lookup`).
+:func:`server_optimizer` translates a Keras optimizer to the server-side spec with that
+Keras' semantics (Keras 3's Adagrad has epsilon inside the square root, tf-keras'
+outside).
 
 **Unswap** puts an ordinary ``Embedding`` back (same object, original class, a new
 ``embeddings`` variable holding the trained rows); the model then saves with
