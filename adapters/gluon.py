@@ -472,6 +472,7 @@ class DeferredPull:
         self._lookups = [(layer.remote, plan.unique_ids) for layer, _, plan in deferred]
         self._lock = threading.Lock()
         self._rows: list[tuple[int | None, np.ndarray]] | None = None
+        self.pulled = threading.Event()
         for pos, (layer, ids, plan) in enumerate(deferred):
             layer.ready(ids, plan, self, pos)
 
@@ -479,21 +480,23 @@ class DeferredPull:
         """``(push mark, rows)`` of lookup ``pos``, pulling them all the first time."""
         with self._lock:
             if self._rows is None:
-                self._rows = pull_now(self._lookups, wait=False)
+                try:
+                    self._rows = pull_now(self._lookups, wait=False)
+                finally:
+                    self.pulled.set()
             return self._rows[pos]
 
 
-def pull_ready(deferred: list[tuple[Any, np.ndarray, LookupPlan]]) -> None:
+def pull_ready(deferred: list[tuple[Any, np.ndarray, LookupPlan]]) -> DeferredPull | None:
     """Hand the deferred lookups ``(layer, ids, plan)`` their rows, to be pulled together
     by the first of them that runs (:class:`DeferredPull`)."""
-    if deferred:
-        DeferredPull(deferred)
+    return DeferredPull(deferred) if deferred else None
 
 
 class _Boundary:
     """One queued step boundary: what to hand over, with which scales, what to pull."""
 
-    __slots__ = ("deferred", "flag", "flag_nd", "layers", "scales")
+    __slots__ = ("deferred", "flag", "flag_nd", "layers", "pull", "scales", "settled")
 
     def __init__(self, layers: list[Any], scales: list[float],
                  deferred: list[tuple[Any, np.ndarray, LookupPlan]], flag: np.ndarray,
@@ -503,6 +506,8 @@ class _Boundary:
         self.deferred = deferred
         self.flag = flag
         self.flag_nd = flag_nd
+        self.settled = threading.Event()
+        self.pull: DeferredPull | None = None
 
     @property
     def reached(self) -> bool:
@@ -529,10 +534,14 @@ class EngineStep:
     while the engine computes this one, as it does in local training.
 
     :ivar lead: boundaries whose backward is not done that may be queued; :meth:`queue`
-        waits for older ones (this bounds how far Python runs ahead).
+        waits for older ones (this bounds how far Python runs ahead), and then, up to
+        :attr:`pull_wait` seconds, for their deferred pull: Python's dispatch then
+        overlaps the engine's dense compute rather than the pull, whose shards need
+        the CPU.
     """
 
     lead = 2
+    pull_wait = 0.02
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -565,6 +574,10 @@ class EngineStep:
             waiting = [b for b in self._pending if not b.reached]
         for boundary in waiting[:max(0, len(waiting) - self.lead)]:
             boundary.flag_nd.wait_to_read()  # raises what a failed operator raised
+            if self.pull_wait > 0 and boundary.deferred:
+                # settled by the next lookup operator, which then pulls
+                if boundary.settled.wait(self.pull_wait) and boundary.pull is not None:
+                    boundary.pull.pulled.wait(self.pull_wait)
 
     def settle(self, wait: bool = False) -> None:
         """Hand over and push for the queued boundaries whose backward is done, oldest
@@ -579,7 +592,8 @@ class EngineStep:
                     for layer, scale in zip(boundary.layers, boundary.scales, strict=True):
                         layer.held.hand_over(scale)
                     _flush(boundary.layers)
-                    pull_ready(boundary.deferred)
+                    boundary.pull = pull_ready(boundary.deferred)
+                    boundary.settled.set()
                     continue
             if not wait:
                 return
