@@ -38,11 +38,12 @@ demo: venv
 	$(BIN)/python examples/din_movielens.py
 
 bench: venv
-	$(BIN)/python benchmarks/ps_throughput.py
+	$(BIN)/python benchmarks/ps_throughput.py $(if $(PSLITE),--pslite $(PSLITE))
 	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/train_throughput_tf.py
-	$(BIN)/python benchmarks/train_throughput_mxnet.py
 	$(BIN)/python benchmarks/deepctr_throughput.py
+	$(BIN)/python benchmarks/train_throughput_tf.py --keras
+	$(BIN)/python benchmarks/train_throughput_mxnet.py
+	$(BIN)/python benchmarks/wal_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
