@@ -26,32 +26,46 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @njit(cache=True)
-def _unique_inverse(ids: np.ndarray, uniq: np.ndarray, inverse: np.ndarray) -> int:
-    n = ids.shape[0]
+def _table_bits(n: int) -> int:
+    # log2 of the hash set's size: at least 4 slots per id (at most 25 % full)
     bits = 4
     while (1 << bits) < 4 * n:
         bits += 1
-    cap = 1 << bits
+    return bits
+
+
+@njit(inline="always")
+def _find_or_claim(slots: np.ndarray, uniq: np.ndarray, k: np.int64, nu: int,
+                   shift: np.uint64, mask: np.uint64) -> int:
+    # k's position among the unique ids, or, when k is new, claims the empty slot it
+    # hashes to for position nu and returns -1
+    h = (np.uint64(k) * _GOLDEN) >> shift
+    while True:
+        p = slots[h]
+        if p == 0:
+            slots[h] = nu + 1
+            uniq[nu] = k
+            return -1
+        if uniq[p - 1] == k:
+            return p - 1
+        h = (h + np.uint64(1)) & mask
+
+
+@njit(cache=True)
+def _unique_inverse(ids: np.ndarray, uniq: np.ndarray, inverse: np.ndarray) -> int:
+    bits = _table_bits(ids.shape[0])
     shift = np.uint64(64 - bits)
-    mask = np.uint64(cap - 1)
+    mask = np.uint64((1 << bits) - 1)
     # slot → position in uniq (+1; 0 = empty), int32 to halve the table's footprint
-    slots = np.zeros(cap, dtype=np.int32)
+    slots = np.zeros(1 << bits, dtype=np.int32)
     nu = 0
-    for i in range(n):
-        k = ids[i]
-        h = (np.uint64(k) * _GOLDEN) >> shift
-        while True:
-            p = slots[h]
-            if p == 0:
-                slots[h] = nu + 1
-                uniq[nu] = k
-                inverse[i] = nu
-                nu += 1
-                break
-            if uniq[p - 1] == k:
-                inverse[i] = p - 1
-                break
-            h = (h + np.uint64(1)) & mask
+    for i in range(ids.shape[0]):
+        p = _find_or_claim(slots, uniq, ids[i], nu, shift, mask)
+        if p < 0:
+            inverse[i] = nu
+            nu += 1
+        else:
+            inverse[i] = p
     return nu
 
 
@@ -94,35 +108,24 @@ def _unique_shards(ids: np.ndarray, num_shards: int, uniq: np.ndarray, inverse: 
     # _unique_inverse that also routes each new id to its shard (bucket ranges as
     # xdl.sharding.bucket_ranges: shard k owns [k*B//N, (k+1)*B//N), so the shard of
     # bucket b is ((b + 1) * N - 1) // B) and counts the ids of each shard
-    n = ids.shape[0]
-    bits = 4
-    while (1 << bits) < 4 * n:
-        bits += 1
-    cap = 1 << bits
+    bits = _table_bits(ids.shape[0])
     shift = np.uint64(64 - bits)
-    mask = np.uint64(cap - 1)
-    slots = np.zeros(cap, dtype=np.int32)
+    mask = np.uint64((1 << bits) - 1)
+    slots = np.zeros(1 << bits, dtype=np.int32)
     big_n = np.uint64(num_shards)
     nu = 0
-    for i in range(n):
+    for i in range(ids.shape[0]):
         k = ids[i]
-        h = (np.uint64(k) * _GOLDEN) >> shift
-        while True:
-            p = slots[h]
-            if p == 0:
-                slots[h] = nu + 1
-                uniq[nu] = k
-                inverse[i] = nu
-                b = splitmix64(np.uint64(k)) >> np.uint64(BUCKET_SHIFT)
-                s = np.int64(((b + np.uint64(1)) * big_n - np.uint64(1)) >> np.uint64(16))
-                shard[nu] = s
-                counts[s] += 1
-                nu += 1
-                break
-            if uniq[p - 1] == k:
-                inverse[i] = p - 1
-                break
-            h = (h + np.uint64(1)) & mask
+        p = _find_or_claim(slots, uniq, k, nu, shift, mask)
+        if p < 0:
+            inverse[i] = nu
+            b = splitmix64(np.uint64(k)) >> np.uint64(BUCKET_SHIFT)
+            s = np.int64(((b + np.uint64(1)) * big_n - np.uint64(1)) >> np.uint64(16))
+            shard[nu] = s
+            counts[s] += 1
+            nu += 1
+        else:
+            inverse[i] = p
     return nu
 
 
