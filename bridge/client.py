@@ -41,6 +41,7 @@ from .dense_client import DenseVariableCalls
 from .errors import InvalidArgumentError, XdlError
 from .kv_client import KeyValueCalls
 from .local_shards import READY_PREFIX, LocalShards
+from .memtune import tune_malloc
 from .pushlog import PUSH_LOG_LENGTH, PushLog
 from .routing import ShardRouter
 from .security import ClientKeys
@@ -79,6 +80,7 @@ class Client(KeyValueCalls, DenseVariableCalls, CheckpointCalls):
         if not servers:
             raise InvalidArgumentError("no servers given: pass endpoints, set XDL_SERVERS, or "
                                        "use connect(local_shards=N)")
+        tune_malloc()  # request-sized arrays reused, not mapped afresh (xdl.memtune)
         self._transport = Transport(servers, timeout=timeout, retries=retries,
                                     client_id=client_id, keys=ClientKeys.from_options(
                                         curve_secret, curve_server_key))
