@@ -8,9 +8,10 @@ and every page of it faults when first written. Measured: de-duplicating 65,536 
 took 0.91 ms with 477 page faults per call, against 0.15 ms without them.
 
 :func:`tune_malloc` fixes the threshold at 32 MiB (glibc's largest) and the trim
-threshold at 64 MiB, so freed blocks below 32 MiB are reused from the heap. Shard
-processes call it at start, :class:`xdl.client.Client` when it connects. It changes the
-process's allocator for everyone in it; set ``XDL_MALLOC_TUNE=0`` to leave ``malloc``
+threshold at 64 MiB, so freed blocks below 32 MiB are reused from the heap. A shard
+process calls it when it creates its first table, :class:`xdl.client.Client` when it
+connects. It changes the
+process's allocator for everyone in it; set ``XDL_TUNE_MALLOC=0`` to leave ``malloc``
 as it is. On other C libraries it does nothing.
 """
 
@@ -34,12 +35,12 @@ _tuned = False
 def tune_malloc() -> bool:
     """Raise glibc's mmap and trim thresholds (see the module docstring), once per
     process; returns whether they are set. Does nothing (and returns False) when
-    ``XDL_MALLOC_TUNE=0``, off Linux, or when the C library has no ``mallopt`` or
+    ``XDL_TUNE_MALLOC=0``, off Linux, or when the C library has no ``mallopt`` or
     refuses the values."""
     global _tuned
     if _tuned:
         return True
-    if os.environ.get("XDL_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("XDL_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library

@@ -22,15 +22,14 @@ in place with ``mremap``: no copy, and peak memory does not double while a table
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import os
 from collections.abc import Callable
 
 import numpy as np
 from numba import njit
 
 from xdl.errors import InvalidArgumentError
+from xdl.memtune import tune_malloc
 from xdl.sharding import all_finite, prefetch_row, put_rows, splitmix64, take_rows
 
 EMPTY = np.uint8(0)
@@ -503,33 +502,16 @@ def home_slots(keys: np.ndarray, capacity: int) -> np.ndarray:
     return out
 
 
-_tuned = False
-
 
 def tune_allocator() -> bool:
-    """Let glibc's malloc reuse freed blocks of up to 32 MiB instead of unmapping them.
-
-    By default a freed block over the (adaptive) mmap threshold goes back to the kernel,
-    so every request's fresh 0.5–16 MiB buffers (decoded frames, gathered rows) are
-    page-faulted in again: measured here, a fresh 4 MiB array costs about 1.7 ms of
-    faults before a byte of work. Raising the thresholds keeps such buffers in the
-    heap, ready for the next request; at most 64 MiB of free heap is kept. Process-wide
-    and idempotent; a no-op (returns False) off glibc or when ``XDL_TUNE_MALLOC=0``.
+    """Let glibc's malloc reuse freed blocks of up to 32 MiB instead of unmapping them
+    (:func:`xdl.memtune.tune_malloc`): a shard's per-request buffers (decoded frames,
+    gathered rows, 0.5-16 MiB) would otherwise be page-faulted in afresh on every
+    request; measured here, a fresh 4 MiB array costs about 1.7 ms of faults before a
+    byte of work. Process-wide and idempotent; a no-op (returns False) off glibc or
+    when ``XDL_TUNE_MALLOC=0``.
     """
-    global _tuned
-    if _tuned:
-        return True
-    if os.environ.get("XDL_TUNE_MALLOC", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = (libc.mallopt(m_mmap_threshold, 32 << 20) == 1
-              and libc.mallopt(m_trim_threshold, 64 << 20) == 1)
-    except (OSError, AttributeError):
-        return False
-    _tuned = bool(ok)
-    return _tuned
+    return tune_malloc()
 
 
 def _advise_huge(m: mmap.mmap) -> None:

@@ -72,13 +72,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "xdl server") -> int:
               file=sys.stderr)
         return 2
     from xdl.errors import XdlError
-    from xdl.memtune import tune_malloc
     from xdl.security import ServerSecurity
 
     from .service import serve
     from .wal import parse_fsync
-
-    tune_malloc()  # request-sized arrays reused from the heap, not mapped afresh
 
     try:
         parse_fsync(args.wal_fsync)
