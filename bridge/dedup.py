@@ -69,6 +69,15 @@ def _unique_inverse(ids: np.ndarray, uniq: np.ndarray, inverse: np.ndarray) -> i
     return nu
 
 
+def _flat_buffers(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # the unique ids' and the inverse's buffers for ``flat`` ids, within the kernels' limit
+    n = flat.shape[0]
+    if n >= 2**30:
+        raise InvalidArgumentError(f"ids: {n} ids in one call is more than the 2**30 the "
+                                   f"de-duplication accepts; split the batch")
+    return np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+
+
 def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique ids and, for each id, its position among them, in one O(n) pass.
 
@@ -91,11 +100,7 @@ def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             f"ids are int64 feature hashes, reinterpret them with .view(np.int64)")
     flat = np.ascontiguousarray(a.reshape(-1)).astype(np.int64, copy=False)
     n = flat.shape[0]
-    if n >= 2**30:
-        raise InvalidArgumentError(f"ids: {n} ids in one call is more than the 2**30 the "
-                                   f"de-duplication accepts; split the batch")
-    uniq = np.empty(n, dtype=np.int64)
-    inverse = np.empty(n, dtype=np.int64)
+    uniq, inverse = _flat_buffers(flat)
     nu = _unique_inverse(flat, uniq, inverse)
     # a slice of a small result would pin the full-size buffer: copy when much smaller
     unique = uniq[:nu].copy() if nu < n // 2 else uniq[:nu]
@@ -165,11 +170,7 @@ def unique_by_shard(ids: np.ndarray, num_shards: int
     """
     flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
     n = flat.shape[0]
-    if n >= 2**30:
-        raise InvalidArgumentError(f"ids: {n} ids in one call is more than the 2**30 the "
-                                   f"de-duplication accepts; split the batch")
-    uniq = np.empty(n, dtype=np.int64)
-    inverse = np.empty(n, dtype=np.int64)
+    uniq, inverse = _flat_buffers(flat)
     shard = np.empty(n, dtype=np.int32)
     counts = np.zeros(int(num_shards), dtype=np.int64)
     nu = int(_unique_shards(flat, int(num_shards), uniq, inverse, shard, counts))

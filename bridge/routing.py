@@ -25,7 +25,7 @@ float32 frame. The per-table work is done by compiled kernels over all tables at
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,21 +244,20 @@ class ShardRouter:
              parts: Sequence[tuple[Routed, Mapping[str, np.ndarray]]]
              ) -> list[tuple[Sent, Reply]]:
         """:meth:`send`, then wait for every reply (raising the first refusal)."""
-        t = self.transport
-        with t.lock:
-            t.raise_failed()
-            sent = self.send(command, header, parts)
-            replies = t.results([(s.shard, s.seq) for s in sent])
-        return list(zip(sent, replies, strict=True))
+        return self._answered(lambda: self.send(command, header, parts))
 
     def call_many(self, command: bytes, header: Mapping[str, Any], routed: RoutedMany
                   ) -> list[tuple[Sent, Reply]]:
         """:meth:`send_many` (ids only), then wait for every reply (raising the first
         refusal)."""
+        return self._answered(lambda: self.send_many(command, header, routed))
+
+    def _answered(self, send: Callable[[], list[Sent]]) -> list[tuple[Sent, Reply]]:
+        # under the transport's lock: raise an earlier refusal, send, wait for the replies
         t = self.transport
         with t.lock:
             t.raise_failed()
-            sent = self.send_many(command, header, routed)
+            sent = send()
             replies = t.results([(s.shard, s.seq) for s in sent])
         return list(zip(sent, replies, strict=True))
 
